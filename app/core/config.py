@@ -1,0 +1,109 @@
+"""The service's one settings object, read from ``MERGELINE_*`` environment variables.
+
+Embedded defaults (SQLite, a local object folder, a broker that needs no server) let
+``make run`` start on a fresh machine; the distributed deployment sets the URLs below.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Typed configuration, validated once at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix="MERGELINE_", env_file=None, extra="ignore")
+
+    # Where the embedded defaults keep their files.
+    data_dir: Path = Path("var")
+
+    # HTTP server.
+    host: str = "127.0.0.1"
+    port: int = 8000
+    # "token=tenant" pairs, comma-separated. Empty: the API runs open, which is only
+    # allowed on a loopback address (see `refuse_open_server_off_loopback`).
+    tokens: str = ""
+
+    # Database: SQLite file by default, PostgreSQL in production.
+    database_url: str = ""
+
+    # Celery broker: kombu's SQLAlchemy transport on SQLite by default, Redis in production.
+    broker_url: str = ""
+    # Start a Celery worker process alongside the API (`mergeline serve`); off in production.
+    embedded_worker: bool = True
+    worker_concurrency: int = 1
+
+    # Object store.
+    store: Literal["local", "s3"] = "local"
+    store_path: Path | None = None  # local store root; default data_dir/objects
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "mergeline"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_presign_seconds: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+
+    # Worker-side folding.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    work_dir: Path | None = None  # scratch space for folds; default data_dir/work
+
+    # Limits on what the API accepts.
+    max_header_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    max_upload_bytes: int = Field(default=64 * 1024**3, ge=1024)
+
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def fill_embedded_defaults(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'mergeline.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+        if self.store_path is None:
+            self.store_path = self.data_dir / "objects"
+        if self.work_dir is None:
+            self.work_dir = self.data_dir / "work"
+        return self
+
+    @model_validator(mode="after")
+    def refuse_open_server_off_loopback(self) -> Settings:
+        if not self.token_map and not is_loopback(self.host):
+            raise ValueError(
+                f"MERGELINE_TOKENS is empty but MERGELINE_HOST={self.host} is not a loopback address: "
+                "an open server may only listen on 127.0.0.1/::1/localhost. Set MERGELINE_TOKENS."
+            )
+        return self
+
+    @property
+    def token_map(self) -> dict[str, str]:
+        """token -> tenant name, parsed from ``tokens``."""
+        pairs: dict[str, str] = {}
+        for item in self.tokens.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            token, sep, tenant = item.partition("=")
+            if not sep or not token.strip() or not tenant.strip():
+                raise ValueError("MERGELINE_TOKENS must be comma-separated token=tenant pairs")
+            pairs[token.strip()] = tenant.strip()
+        return pairs
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -38,6 +38,14 @@ class Settings(BaseSettings):
     # Start a Celery worker process alongside the API (`mergeline serve`); off in production.
     embedded_worker: bool = True
     worker_concurrency: int = 1
+    # Celery queue name (and, on Redis, the key prefix): lets several deployments share one broker.
+    queue: str = "mergeline"
+    # Redis re-delivers a message whose worker vanished after this long; folds are idempotent,
+    # so an early re-delivery only costs a no-op task.
+    broker_visibility_timeout: int = Field(default=300, ge=10)
+    # A fold holds its version under a lease renewed every few seconds; a dead worker's lease
+    # expires after this long and another worker redoes the fold.
+    fold_lease_seconds: int = Field(default=30, ge=3)
 
     # Object store.
     store: Literal["local", "s3"] = "local"

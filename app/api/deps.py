@@ -1,0 +1,83 @@
+"""FastAPI dependencies, as Annotated aliases routes declare: SessionDep, StoreDep, TenantDep ..."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from celery import Celery
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.core.db import Database
+from app.core.metrics import ApiMetrics
+from app.services.auth import TenantResolver
+from app.services.queue import FoldQueue
+from app.storage import ObjectStore
+
+
+@dataclass
+class Runtime:
+    """What one API process holds: built in the lifespan, stored on ``app.state.runtime``."""
+
+    settings: Settings
+    db: Database
+    store: ObjectStore
+    celery: Celery
+    queue: FoldQueue
+    metrics: ApiMetrics
+    resolver: TenantResolver | None = None
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_session(runtime: RuntimeDep) -> Iterator[Session]:
+    """The request's unit of work: committed once when the route returns, rolled back on error."""
+    with runtime.db.sessionmaker() as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+# scope="function": the commit happens before the response is sent, so a 2xx means it is durable.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def get_store(runtime: RuntimeDep) -> ObjectStore:
+    return runtime.store
+
+
+StoreDep = Annotated[ObjectStore, Depends(get_store)]
+
+
+def get_queue(runtime: RuntimeDep) -> FoldQueue:
+    return runtime.queue
+
+
+QueueDep = Annotated[FoldQueue, Depends(get_queue)]
+
+
+def get_settings_dep(runtime: RuntimeDep) -> Settings:
+    return runtime.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+
+
+def get_tenant(request: Request, runtime: RuntimeDep) -> str:
+    """The caller's tenant id, from ``Authorization: Bearer <token>`` (401 if missing or unknown)."""
+    assert runtime.resolver is not None
+    return runtime.resolver.resolve(request.headers.get("authorization"))
+
+
+TenantDep = Annotated[str, Depends(get_tenant)]

@@ -1,0 +1,9 @@
+"""SQLAlchemy ORM models; ``Base.metadata`` is what Alembic's env.py targets."""
+
+from app.models.base import Base, new_id, utcnow
+from app.models.expert import Expert
+from app.models.stream import Stream
+from app.models.tenant import ApiToken, Tenant
+from app.models.version import Version, VersionStatus
+
+__all__ = ["ApiToken", "Base", "Expert", "Stream", "Tenant", "Version", "VersionStatus", "new_id", "utcnow"]

@@ -1,0 +1,29 @@
+"""A stream: one base model, the experts folded into it, and the versions that result."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import Mapped, mapped_column
+
+from app.models.base import Base, new_id, utcnow
+
+
+class Stream(Base):
+    __tablename__ = "streams"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    method: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # The base checkpoint (version 0); null until PUT /base.
+    base_sha256: Mapped[str | None] = mapped_column(String(64))
+    base_size: Mapped[int | None] = mapped_column(BigInteger)
+    # The base's raw safetensors header JSON, kept so expert uploads are checked without a store read.
+    base_header: Mapped[str | None] = mapped_column(Text)
+    # Highest version number handed out; bumped with an atomic UPDATE, which also serializes uploads.
+    version_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

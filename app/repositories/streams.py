@@ -1,0 +1,53 @@
+"""Queries on streams."""
+
+from __future__ import annotations
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.models import Stream
+
+
+def add(session: Session, stream: Stream) -> Stream:
+    session.add(stream)
+    session.flush()
+    return stream
+
+
+def get(session: Session, stream_id: str) -> Stream | None:
+    return session.get(Stream, stream_id)
+
+
+def get_for_tenant(session: Session, stream_id: str, tenant_id: str) -> Stream | None:
+    return session.scalar(select(Stream).where(Stream.id == stream_id, Stream.tenant_id == tenant_id))
+
+
+def list_for_tenant(session: Session, tenant_id: str) -> list[Stream]:
+    return list(session.scalars(select(Stream).where(Stream.tenant_id == tenant_id).order_by(Stream.created_at)))
+
+
+def set_base(session: Session, stream_id: str, *, sha256: str, size: int, header: str) -> bool:
+    """Record the base once: False if the stream already has one (an atomic check-and-set)."""
+    result = session.execute(
+        update(Stream)
+        .where(Stream.id == stream_id, Stream.base_sha256.is_(None))
+        .values(base_sha256=sha256, base_size=size, base_header=header, version_count=0)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def allocate_version_number(session: Session, stream_id: str) -> int:
+    """Hand out the next version number.
+
+    The UPDATE takes the stream's row lock (PostgreSQL) or the database write lock
+    (SQLite) until commit, so concurrent uploads to one stream are serialized here
+    and each sees its predecessor's rows.
+    """
+    return session.execute(
+        update(Stream)
+        .where(Stream.id == stream_id)
+        .values(version_count=Stream.version_count + 1)
+        .returning(Stream.version_count)
+        .execution_options(synchronize_session=False)
+    ).scalar_one()

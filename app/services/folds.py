@@ -1,0 +1,289 @@
+"""The fold of one version, as a worker runs it: lease, fetch, fold, store, record, hand on.
+
+Idempotent by construction: a version that already succeeded is left alone; the
+fold lease (a conditional UPDATE) lets only one worker fold a version, and only
+once its parent has succeeded, so a stream's versions are built one at a time and
+in order however many workers run; the output key is deterministic and the row
+becomes ``succeeded`` only after the object is complete and its sha256 recorded.
+A worker that dies mid-fold stops renewing its lease; once the lease lapses the
+re-delivered task (acks_late) folds the version again from the same inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import OperationalError
+
+from app.core.config import Settings
+from app.core.db import Database
+from app.models import VersionStatus, utcnow
+from app.repositories import experts as experts_repo
+from app.repositories import streams as streams_repo
+from app.repositories import versions as versions_repo
+from app.services.queue import FoldQueue
+from app.storage import ObjectNotFound, ObjectStore, base_key, version_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FoldContext:
+    db: Database
+    store: ObjectStore
+    queue: FoldQueue
+    settings: Settings
+
+
+class FoldDeferred(Exception):
+    """Another live worker holds the version's lease: look again after ``countdown`` seconds."""
+
+    def __init__(self, countdown: float) -> None:
+        super().__init__(f"version is leased by another worker; retry in {countdown:.0f}s")
+        self.countdown = countdown
+
+
+class TransientFoldError(Exception):
+    """The database, the store or the broker is unreachable: retry later with backoff."""
+
+
+class LeaseLost(Exception):
+    """This worker no longer holds the version (its lease lapsed and another took it)."""
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, OperationalError | ConnectionError | TimeoutError):
+        return True
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(exc, ClientError):
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            return status >= 500 or status == 0
+        return isinstance(exc, BotoCoreError)
+    except ImportError:  # pragma: no cover
+        return False
+
+
+class _Heartbeat(threading.Thread):
+    """Renews the lease and writes progress while the fold runs."""
+
+    def __init__(self, ctx: FoldContext, version_id: str, owner: str) -> None:
+        super().__init__(name=f"lease-{version_id[:8]}", daemon=True)
+        self.ctx, self.version_id, self.owner = ctx, version_id, owner
+        self.progress: float | None = None
+        self.lost = False
+        self._halt = threading.Event()
+        self.interval = max(1.0, ctx.settings.fold_lease_seconds / 6)
+
+    def run(self) -> None:
+        while not self._halt.wait(self.interval):
+            try:
+                with self.ctx.db.session() as session:
+                    held = versions_repo.heartbeat(
+                        session,
+                        self.version_id,
+                        owner=self.owner,
+                        until=time.time() + self.ctx.settings.fold_lease_seconds,
+                        progress=self.progress,
+                    )
+                if not held:
+                    self.lost = True
+                    return
+            except Exception:  # a database blip: the lease has slack for a few missed beats
+                log.warning("lease heartbeat for version %s failed", self.version_id, exc_info=True)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=5)
+
+
+def fold_version(ctx: FoldContext, version_id: str, *, owner: str | None = None) -> str:
+    """Fold one version if it is its turn. Returns what happened (for logs and tests)."""
+    owner = owner or uuid.uuid4().hex
+    try:
+        with ctx.db.session() as session:
+            version = versions_repo.get(session, version_id)
+            if version is None:
+                return "missing"
+            if version.status == VersionStatus.succeeded:
+                stream_id, number = version.stream_id, version.number
+                outcome = "already_succeeded"
+            elif version.status == VersionStatus.failed:
+                return "failed"
+            elif versions_repo.claim(
+                session, version_id, owner=owner, now=time.time(), lease_seconds=ctx.settings.fold_lease_seconds
+            ):
+                outcome = "claimed"
+            else:
+                session.refresh(version)
+                if version.status == VersionStatus.running and version.lease_owner != owner:
+                    remaining = (version.lease_expires_at or 0) - time.time()
+                    raise FoldDeferred(max(1.0, remaining + 1.0))
+                return "not_its_turn"  # the parent's fold will send this one when it succeeds
+    except OperationalError as exc:
+        raise TransientFoldError(f"database unavailable: {exc.orig or exc}") from exc
+
+    if outcome == "already_succeeded":
+        # A re-delivery after success: make sure the stream moves on, then do nothing else.
+        _send_next(ctx, stream_id, number)
+        return outcome
+    return _fold_claimed(ctx, version_id, owner)
+
+
+def _fold_claimed(ctx: FoldContext, version_id: str, owner: str) -> str:
+    from app.merging import CheckpointError, fold_checkpoint
+
+    heartbeat = _Heartbeat(ctx, version_id, owner)
+    heartbeat.start()
+    scratch = Path(ctx.settings.work_dir or "var/work") / "folds" / f"{version_id}-{owner[:12]}"
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        with ctx.db.session() as session:
+            version = versions_repo.get(session, version_id)
+            stream = streams_repo.get(session, version.stream_id)
+            expert = experts_repo.get(session, version.expert_id)
+            parent = versions_repo.get(session, version.parent_id)
+        number = version.number
+        base = _materialize(ctx.store, base_key(stream.id), scratch / "base.safetensors")
+        previous = (
+            _materialize(ctx.store, parent.object_key, scratch / "previous.safetensors") if number > 1 else None
+        )
+        expert_path = _materialize(ctx.store, expert.object_key, scratch / "expert.safetensors")
+
+        def progress(fraction: float) -> None:
+            if heartbeat.lost:
+                raise LeaseLost(version_id)
+            heartbeat.progress = min(max(float(fraction), 0.0), 0.999)
+
+        result = fold_checkpoint(
+            method=stream.method,
+            params=stream.params,
+            base=base,
+            previous=previous,
+            expert=expert_path,
+            state=parent.state if number > 1 else None,
+            out=scratch / "out.safetensors",
+            version=number,
+            device=ctx.settings.device,
+            progress=progress,
+            lineage={"parent_sha256": parent.sha256, "expert_sha256": expert.sha256, "stream": stream.id},
+            scratch_dir=scratch,
+        )
+        if heartbeat.lost:
+            raise LeaseLost(version_id)
+        key = version_key(stream.id, number)
+        # Deterministic key: a redone fold rewrites the same bytes; the row flips only after this.
+        ctx.store.put_file(key, Path(result.out), move=True)
+        with ctx.db.session() as session:
+            done = versions_repo.finish(
+                session,
+                version_id,
+                owner=owner,
+                status=VersionStatus.succeeded,
+                progress=1.0,
+                object_key=key,
+                sha256=result.sha256,
+                size=result.size,
+                state=_jsonable(result.state),
+                metrics=_jsonable(result.metrics),
+                finished_at=utcnow(),
+            )
+        if not done:
+            return "lease_lost"
+        _send_next(ctx, stream.id, number)
+        return "succeeded"
+    except LeaseLost:
+        log.warning("lost the lease on version %s; another worker redoes it", version_id)
+        return "lease_lost"
+    except (CheckpointError, ObjectNotFound) as exc:
+        code = getattr(exc, "code", "object_missing")
+        message = str(exc) if isinstance(exc, CheckpointError) else f"stored object missing: {exc}"
+        _fail(ctx, version_id, owner, code, message)
+        return "failed"
+    except Exception as exc:
+        if _is_transient(exc):
+            _release(ctx, version_id, owner)
+            raise TransientFoldError(f"{type(exc).__name__}: {exc}") from exc
+        log.exception("fold of version %s failed", version_id)
+        _fail(ctx, version_id, owner, "internal", f"{type(exc).__name__}: {exc}")
+        return "failed"
+    finally:
+        heartbeat.stop()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _materialize(store: ObjectStore, key: str, dest: Path) -> Path:
+    local = store.local_path(key)
+    if local is not None:
+        return local
+    store.get_file(key, dest)
+    return dest
+
+
+def _jsonable(value: Any) -> Any:
+    """Fold state and metrics as plain JSON (floats, not tensors or numpy scalars)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return value
+
+
+def _fail(ctx: FoldContext, version_id: str, owner: str, code: str, message: str) -> None:
+    with ctx.db.session() as session:
+        versions_repo.finish(
+            session,
+            version_id,
+            owner=owner,
+            status=VersionStatus.failed,
+            error_code=code,
+            error=message[:4000],
+            finished_at=utcnow(),
+        )
+
+
+def _release(ctx: FoldContext, version_id: str, owner: str) -> None:
+    try:
+        with ctx.db.session() as session:
+            versions_repo.release(session, version_id, owner=owner)
+    except Exception:  # the lease will lapse on its own
+        log.warning("could not release the lease on version %s", version_id, exc_info=True)
+
+
+def fail_version(ctx: FoldContext, version_id: str, code: str, message: str) -> None:
+    """Mark a version failed whoever holds it (retries exhausted)."""
+    with ctx.db.session() as session:
+        version = versions_repo.get(session, version_id)
+        if version is None or version.status in (VersionStatus.succeeded, VersionStatus.failed):
+            return
+        version.status = VersionStatus.failed
+        version.error_code, version.error = code, message[:4000]
+        version.lease_owner, version.lease_expires_at = None, None
+        version.finished_at = utcnow()
+
+
+def _send_next(ctx: FoldContext, stream_id: str, number: int) -> None:
+    with ctx.db.session() as session:
+        following = versions_repo.next_after(session, stream_id, number)
+        following_id = following.id if following and following.status == VersionStatus.queued else None
+    if following_id:
+        ctx.queue.send_fold(following_id)
+
+
+def resend_runnable(ctx: FoldContext) -> int:
+    """Send a fold for every version whose turn it is; a lost message never stalls a stream."""
+    with ctx.db.session() as session:
+        ids = [v.id for v in versions_repo.runnable(session, now=time.time())]
+    for version_id in ids:
+        ctx.queue.send_fold(version_id)
+    return len(ids)

@@ -1,0 +1,119 @@
+"""Streams and their versions: creation, lookups scoped to a tenant, and the public views."""
+
+from __future__ import annotations
+
+from sqlalchemy.orm import Session
+
+from app.models import Expert, Stream, Version
+from app.repositories import experts as experts_repo
+from app.repositories import streams as streams_repo
+from app.repositories import versions as versions_repo
+from app.schemas.streams import (
+    BasePublic,
+    ExpertPublic,
+    StreamCreate,
+    StreamPublic,
+    VersionError,
+    VersionPublic,
+)
+from app.services.errors import NotFound, ServiceError
+
+
+def create_stream(session: Session, tenant_id: str, body: StreamCreate) -> Stream:
+    from app.merging import METHODS, validate_params
+
+    if body.method not in METHODS:
+        raise ServiceError(
+            f"unknown merge method {body.method!r}; choose one of: {', '.join(sorted(METHODS))}",
+            code="invalid_method",
+            status_code=422,
+        )
+    params = validate_params(body.method, body.params)  # InvalidParams -> 422 via the error handler
+    return streams_repo.add(session, Stream(tenant_id=tenant_id, name=body.name, method=body.method, params=params))
+
+
+def get_stream(session: Session, tenant_id: str, stream_id: str) -> Stream:
+    """The tenant's stream, or 404 (another tenant's stream is indistinguishable from none)."""
+    stream = streams_repo.get_for_tenant(session, stream_id, tenant_id)
+    if stream is None:
+        raise NotFound(f"no stream {stream_id!r}")
+    return stream
+
+
+def get_version(session: Session, stream: Stream, ref: str) -> Version:
+    """Version ``ref`` of the stream: a number, or ``latest`` (the newest succeeded version)."""
+    if ref == "latest":
+        version = versions_repo.latest_succeeded(session, stream.id)
+        if version is None:
+            raise NotFound(f"stream {stream.id} has no succeeded version yet (upload a base first)")
+        return version
+    try:
+        number = int(ref)
+    except ValueError:
+        raise ServiceError(f"version must be a number or 'latest', not {ref!r}", code="invalid_version") from None
+    version = versions_repo.by_number(session, stream.id, number)
+    if version is None:
+        raise NotFound(f"stream {stream.id} has no version {number}")
+    return version
+
+
+def expert_public(expert: Expert) -> ExpertPublic:
+    return ExpertPublic(
+        id=expert.id,
+        name=expert.name,
+        sha256=expert.sha256,
+        size=expert.size,
+        metadata=expert.meta,
+        created_at=expert.created_at,
+    )
+
+
+def version_views(session: Session, versions: list[Version]) -> list[VersionPublic]:
+    experts = experts_repo.by_ids(session, [v.expert_id for v in versions if v.expert_id])
+    known = {v.id: v.number for v in versions}
+    missing = [v.parent_id for v in versions if v.parent_id and v.parent_id not in known]
+    known.update(versions_repo.numbers_by_id(session, missing))
+    return [
+        VersionPublic(
+            number=v.number,
+            status=v.status,
+            parent=known.get(v.parent_id) if v.parent_id else None,
+            expert=expert_public(experts[v.expert_id]) if v.expert_id in experts else None,
+            progress=v.progress,
+            metrics=v.metrics,
+            error=VersionError(code=v.error_code, message=v.error) if v.error else None,
+            attempts=v.attempts,
+            created_at=v.created_at,
+            started_at=v.started_at,
+            finished_at=v.finished_at,
+            sha256=v.sha256,
+            size=v.size,
+        )
+        for v in versions
+    ]
+
+
+def version_view(session: Session, version: Version) -> VersionPublic:
+    return version_views(session, [version])[0]
+
+
+def stream_views(session: Session, streams: list[Stream]) -> list[StreamPublic]:
+    latest = versions_repo.latest_succeeded_for(session, [s.id for s in streams])
+    latest_views = dict(zip(latest, version_views(session, list(latest.values())), strict=True))
+    return [
+        StreamPublic(
+            id=s.id,
+            name=s.name,
+            method=s.method,
+            params=s.params,
+            base=BasePublic(sha256=s.base_sha256, size=s.base_size or 0) if s.base_sha256 else None,
+            version_count=s.version_count,
+            latest_version=latest_views.get(s.id),
+            created_at=s.created_at,
+        )
+        for s in streams
+    ]
+
+
+def list_streams(session: Session, tenant_id: str) -> list[StreamPublic]:
+    return stream_views(session, streams_repo.list_for_tenant(session, tenant_id))

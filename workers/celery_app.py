@@ -1,0 +1,36 @@
+"""The worker's Celery application, built from settings (``celery -A workers.celery_app worker``)."""
+
+from __future__ import annotations
+
+import logging
+
+from celery.signals import worker_process_init, worker_ready
+
+from app.core.celery import make_celery
+from app.core.config import get_settings
+
+log = logging.getLogger(__name__)
+
+celery_app = make_celery(get_settings(), include=["workers.tasks"])
+
+
+@worker_process_init.connect
+def _fresh_connections(**_: object) -> None:
+    # A forked pool process must not share the parent's database or S3 connections.
+    from workers.tasks import reset_context
+
+    reset_context()
+
+
+@worker_ready.connect
+def _resend_runnable(**_: object) -> None:
+    """On start-up, send every fold whose turn it is: nothing queued is lost with a broker message."""
+    from app.services.folds import resend_runnable
+    from workers.tasks import context
+
+    try:
+        count = resend_runnable(context())
+        if count:
+            log.info("re-sent %d runnable fold(s)", count)
+    except Exception:
+        log.exception("could not re-send runnable folds at start-up")

@@ -1,0 +1,65 @@
+"""Celery tasks: thin. Ids in; the fold service fetches, folds, stores and records."""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+from app.core.celery import FOLD_TASK
+from app.core.config import get_settings
+from app.core.db import get_database
+from app.services import folds
+from app.services.queue import CeleryFoldQueue
+from app.storage import create_store
+from workers.celery_app import celery_app
+
+log = logging.getLogger(__name__)
+
+# Transient failures (database, store or broker away) are retried this many times, backing off.
+MAX_TRANSIENT_RETRIES = 12
+
+_context: tuple[int, folds.FoldContext] | None = None
+
+
+def context() -> folds.FoldContext:
+    """This process's database, store and queue (rebuilt after a fork)."""
+    global _context
+    if _context is None or _context[0] != os.getpid():
+        settings = get_settings()
+        _context = (
+            os.getpid(),
+            folds.FoldContext(
+                db=get_database(settings.database_url),
+                store=create_store(settings),
+                queue=CeleryFoldQueue(celery_app),
+                settings=settings,
+            ),
+        )
+    return _context[1]
+
+
+def reset_context() -> None:
+    global _context
+    _context = None
+
+
+@celery_app.task(name=FOLD_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+def fold_version(self, version_id: str) -> str:  # noqa: ANN001
+    """Fold version ``version_id`` if it is its stream's turn (idempotent; safe to run twice)."""
+    ctx = context()
+    owner = f"{self.request.hostname or 'worker'}:{uuid.uuid4().hex[:12]}"
+    try:
+        outcome = folds.fold_version(ctx, version_id, owner=owner)
+    except folds.FoldDeferred as deferred:
+        raise self.retry(countdown=deferred.countdown, max_retries=None) from None
+    except folds.TransientFoldError as exc:
+        retries = self.request.retries or 0
+        if retries >= MAX_TRANSIENT_RETRIES:
+            folds.fail_version(ctx, version_id, "unavailable", f"gave up after {retries} retries: {exc}")
+            return "failed"
+        countdown = min(60, 2 ** min(retries, 6))
+        log.warning("fold of version %s hit a transient error (%s); retry in %ss", version_id, exc, countdown)
+        raise self.retry(countdown=countdown, max_retries=None) from exc
+    log.info("fold of version %s: %s", version_id, outcome)
+    return outcome

@@ -146,7 +146,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     cmd = [
         weed, "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
         "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={grpc['s3']}", f"-s3.config={config}",
-        "-s3.port.iceberg=0", "-s3.port.lance=0", "-metricsPort=0", "-volume.max=8",
+        "-s3.port.iceberg=0", "-s3.port.lance=0", "-metricsPort=0", "-volume.max=200",
+        "-master.volumeSizeLimitMB=1024",
         f"-master.port={ports['master']}", f"-master.port.grpc={grpc['master']}",
         f"-volume.port={ports['volume']}", f"-volume.port.grpc={grpc['volume']}",
         f"-filer.port={ports['filer']}", f"-filer.port.grpc={grpc['filer']}",
@@ -177,8 +178,9 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def s3_bucket(s3_server: str) -> str:
+    """One bucket per run (SeaweedFS gives each bucket its own volumes); object keys carry unique stream ids."""
     import boto3
 
     bucket = unique("mltest-")
@@ -282,3 +284,6 @@ def start_worker(tmp_path: Path) -> Iterator:
     yield start
     for proc in started:
         proc.stop()
+
+
+from tests.inprocess_api import api  # noqa: E402,F401  (fixture: an in-process API on SQLite + local store)

@@ -30,4 +30,4 @@ def add_token(session: Session, tenant: Tenant, digest: str) -> ApiToken:
 
 def token_digests(session: Session) -> dict[str, str]:
     """token sha256 -> tenant id, for every stored token."""
-    return dict(session.execute(select(ApiToken.token_sha256, ApiToken.tenant_id)).tuples().all())
+    return dict(session.execute(select(ApiToken.token_sha256, ApiToken.tenant_id)).all())

@@ -63,7 +63,7 @@ def list_for_stream(session: Session, stream_id: str) -> list[Version]:
 def numbers_by_id(session: Session, ids: list[str]) -> dict[str, int]:
     if not ids:
         return {}
-    return dict(session.execute(select(Version.id, Version.number).where(Version.id.in_(ids))).tuples().all())
+    return dict(session.execute(select(Version.id, Version.number).where(Version.id.in_(ids))).all())
 
 
 def claim(session: Session, version_id: str, *, owner: str, now: float, lease_seconds: float) -> bool:

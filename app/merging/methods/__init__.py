@@ -1,0 +1,1 @@
+"""Merge methods: one module per method, each a pure function over tensors with its math in the docstring."""

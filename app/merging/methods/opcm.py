@@ -1,0 +1,158 @@
+"""OPCM: orthogonal-projection continual merging with adaptive scaling (Tang et al., 2025)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor
+
+# Rows (of the taller orientation) handled per matmul when a result is built in place:
+# bounds the temporaries to a slice of the matrix rather than a second copy of it.
+_ROW_BLOCK = 4096
+# Below this ratio of smallest to largest singular value the Gram route cannot recover the left
+# singular vectors accurately (u_i = Δ v_i / σ_i amplifies rounding by σ_1/σ_i): use LAPACK's SVD.
+_GRAM_MIN_CONDITION = 1e-3
+
+
+class OPCMParams(BaseModel):
+    """``alpha``: the share of Δ's singular-value mass whose leading block is protected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alpha: float = Field(0.5, ge=0.0, lt=1.0, allow_inf_nan=False,
+                         description="split point r = first k with cumsum(σ)_k / sum(σ) > alpha, in [0, 1)")
+    embedding_pattern: str | None = Field(
+        None, description="regex (re.search on the tensor name) for 2-D tensors that are not projected"
+    )
+
+    @field_validator("embedding_pattern")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"not a valid regular expression: {exc}") from None
+        return value
+
+
+def split_rank(singular_values: Tensor, *, alpha: float) -> int:
+    """r: the 0-based index of the first k with cumsum(σ)_k / sum(σ) > α (σ in descending order)."""
+    s = singular_values.to(torch.float64)
+    ratio = torch.cumsum(s, 0) / s.sum()
+    above = torch.nonzero(ratio > alpha)
+    return int(above[0, 0]) if above.numel() else int(s.numel())
+
+
+def economy_svd(delta: Tensor, *, method: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """U, S, Vᵀ with U m×k, S descending, Vᵀ k×n, k = min(m, n), in delta's dtype.
+
+    ``method``: ``"svd"`` is LAPACK/cuSOLVER's economy SVD; ``"gram"`` eigendecomposes the smaller
+    Gram matrix in float64 and recovers the other side as Δ V / σ (several times faster on CPU,
+    see bench/fold.py); ``"auto"`` takes the Gram route and falls back to ``"svd"`` when Δ is too
+    ill-conditioned for it (σ_min / σ_max < 1e-3), where that recovery loses accuracy.
+    """
+    if delta.shape[0] < delta.shape[1]:
+        u, s, vh = economy_svd(delta.T, method=method)
+        return vh.T, s, u.T
+    if method in ("gram", "auto"):
+        found = _gram_svd(delta, strict=method == "gram")
+        if found is not None:
+            return found
+    return torch.linalg.svd(delta, full_matrices=False)
+
+
+def _gram_svd(delta: Tensor, *, strict: bool) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Economy SVD of a tall matrix through eigh(ΔᵀΔ) in float64; None when too ill-conditioned."""
+    m, n = delta.shape
+    gram = torch.zeros((n, n), dtype=torch.float64, device=delta.device)
+    for start in range(0, m, _ROW_BLOCK):
+        block = delta[start : start + _ROW_BLOCK].to(torch.float64)
+        gram.addmm_(block.T, block)
+    evals, v = torch.linalg.eigh(gram)
+    evals, v = evals.flip(0), v.flip(1)  # descending
+    s = evals.clamp_min(0).sqrt()
+    if not strict and (s[0] == 0 or s[-1] < _GRAM_MIN_CONDITION * s[0]):
+        return None
+    scaled = (v / s.clamp_min(torch.finfo(torch.float64).tiny)).to(delta.dtype)
+    u = torch.empty((m, n), dtype=delta.dtype, device=delta.device)
+    for start in range(0, m, _ROW_BLOCK):
+        torch.mm(delta[start : start + _ROW_BLOCK], scaled, out=u[start : start + _ROW_BLOCK])
+    return u, s.to(delta.dtype), v.T.to(delta.dtype).contiguous()
+
+
+def project_task_vector(
+    delta: Tensor, task: Tensor, *, alpha: float, svd_method: str = "auto", inplace: bool = False
+) -> tuple[Tensor, int, float]:
+    r"""Project a task vector off the previous merged task vector's principal directions.
+
+    With :math:`\Delta = U S V^\top` (economy SVD, :math:`k = \min(m, n)` pairs) and
+    :math:`P = U^\top \tau V`, OPCM zeroes every diagonal entry :math:`P_{ii}` and the top-left
+    :math:`r \times r` block :math:`P_{[:r, :r]}`, where r is the first index whose share of the
+    singular-value mass exceeds α (:func:`split_rank`), and maps back:
+
+    .. math::
+        \tilde\tau = \tau - U_r (U_r^\top \tau V_r) V_r^\top
+                     - \sum_{i \ge r} (u_i^\top \tau v_i)\, u_i v_i^\top
+
+    which equals :math:`U P' V^\top` plus the part of τ outside the bases, i.e. the full-bases
+    formula of the paper, at the cost of the economy SVD only.
+
+    Returns τ̃ (written over ``task`` when ``inplace``), r, and :math:`\|\tau - \tilde\tau\|^2`
+    (the squared norm removed, exact because U and V are orthonormal), accumulated in float64.
+    """
+    u, s, vh = economy_svd(delta, method=svd_method)
+    r = split_rank(s, alpha=alpha)
+    x = u.T @ task  # k×n: row i is u_iᵀ τ
+    diagonal = (x * vh).sum(dim=1)  # u_iᵀ τ v_i
+    removed = torch.diag(diagonal)
+    if r:
+        removed[:r, :r] = x[:r] @ vh[:r].T  # U_rᵀ τ V_r
+    del x
+    removed_sq = float(torch.linalg.vector_norm(removed, dtype=torch.float64) ** 2)
+    back = removed @ vh  # k×n
+    out = task if inplace else task.clone()
+    for start in range(0, out.shape[0], _ROW_BLOCK):
+        out[start : start + _ROW_BLOCK] -= u[start : start + _ROW_BLOCK] @ back
+    return out, r, removed_sq
+
+
+def opcm_update(
+    delta: Tensor,
+    task: Tensor,
+    *,
+    alpha: float,
+    lambda_prev: float,
+    linear: bool,
+    svd_method: str = "auto",
+    inplace: bool = False,
+) -> tuple[Tensor, int | None, float]:
+    r"""One tensor of OPCM's unscaled update :math:`D = \lambda_{t-1}\Delta + \tilde\tau_t`.
+
+    Tang et al., "Merging Models on the Fly Without Retraining: A Sequential Approach to Scalable
+    Continual Model Merging", 2025, arXiv:2501.09522. For version t ≥ 2, with
+    :math:`\Delta = \theta^{(t-1)} - \theta_0` and :math:`\tau_t = \theta_t - \theta_0`:
+
+    - a linear tensor (2-D, not an embedding) folds :math:`\tilde\tau_t`, τ projected off Δ's
+      principal directions (:func:`project_task_vector`); where Δ is exactly zero (a layer the
+      earlier experts froze) it folds :math:`\tau_t` whole;
+    - every other floating tensor folds :math:`\tau_t` whole.
+
+    The fold then rescales all tensors together: :math:`\nu = \|D\|`,
+    :math:`\bar n_t = \mathrm{mean}(\|\tau_1\|, \dots, \|\tau_t\|)`, :math:`\lambda_t = \nu / \bar n_t`,
+    :math:`\theta^{(t)} = \theta_0 + D / \lambda_t` — so the merged task vector's norm is the mean
+    expert norm after every fold. Version 1 is the first expert itself, with :math:`\lambda_1 = 1`.
+
+    Returns D (over ``task`` when ``inplace``), r (None when nothing was projected) and the squared
+    norm the projection removed.
+    """
+    r: int | None = None
+    removed_sq = 0.0
+    if linear and task.ndim == 2 and bool(delta.any()):
+        task, r, removed_sq = project_task_vector(delta, task, alpha=alpha, svd_method=svd_method, inplace=inplace)
+    elif not inplace:
+        task = task.clone()
+    task.add_(delta, alpha=lambda_prev)
+    return task, r, removed_sq

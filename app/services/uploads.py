@@ -89,6 +89,8 @@ async def spool_checkpoint(
         raise ServiceError(
             f"the body is {len(buf)} bytes, too short to be a safetensors file", code="not_safetensors"
         )
+    await fill(9)
+    _refuse_other_formats(bytes(buf[:9]))
     header_len = stio.header_length(bytes(buf[:8]), max_header_bytes=max_header_bytes)
     if not await fill(8 + header_len):
         raise ServiceError(
@@ -97,6 +99,7 @@ async def spool_checkpoint(
         )
     header_json = bytes(buf[8 : 8 + header_len])
     header = stio.parse_header(header_json)
+    check_upload_header(header)
     if check_header is not None:
         check_header(header)
     expected = 8 + header_len + header.data_size
@@ -159,6 +162,51 @@ async def spool_checkpoint(
         path.unlink(missing_ok=True)
         raise
     return SpooledCheckpoint(path=path, sha256=hasher.hexdigest(), size=received, header=header, header_json=header_json)
+
+
+# Magic numbers of the formats people upload by mistake. Both carry pickles, which run code
+# when loaded: they are recognised by their first bytes and never opened.
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOLS = {bytes([0x80, p]) for p in range(2, 6)}
+
+
+def _refuse_other_formats(first: bytes) -> None:
+    """Name the format of an upload that is clearly not safetensors, from its first bytes."""
+    if first.startswith(_ZIP_MAGIC) or first[:2] in _PICKLE_PROTOCOLS:
+        raise ServiceError(
+            "this is a pickle-based PyTorch checkpoint (torch.save), which can run code when loaded; "
+            "mergeline accepts only safetensors: convert it with safetensors.torch.save_file",
+            code="not_safetensors",
+        )
+    if len(first) == 9 and first[8:9] != b"{":
+        raise ServiceError(
+            "not a safetensors file: the header after the 8-byte length must be a JSON object (start with '{')",
+            code="not_safetensors",
+        )
+
+
+def check_upload_header(header: Any) -> None:
+    """Refuse what the header parser allows but the service cannot store or fold.
+
+    Tensor names end up in logs, error messages and shard file names of the tools that
+    read our checkpoints back: names that look like paths are refused outright.
+    """
+    from app.merging import safetensors_io as stio
+
+    if not header.tensors:
+        raise ServiceError("the checkpoint has no tensors: there is nothing to merge", code="no_tensors")
+    for name, spec in header.tensors.items():
+        if "/" in name or "\\" in name or name.strip(".") == "":
+            raise ServiceError(
+                f"tensor name {name[:80]!r} contains a path separator ('/' or '\\') or is made only of dots ('.', '..')",
+                code="invalid_tensor_name",
+            )
+        if spec.is_floating and spec.dtype not in stio.MERGEABLE_DTYPES:
+            raise ServiceError(
+                f"tensor {name!r} is {spec.dtype}; folds compute on F16, BF16, F32 and F64 tensors only",
+                code="unsupported_dtype",
+                status_code=422,
+            )
 
 
 def accept_base(session: Session, store: ObjectStore, stream: Stream, spooled: SpooledCheckpoint) -> Version:

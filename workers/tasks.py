@@ -16,8 +16,9 @@ from workers.celery_app import celery_app
 
 log = logging.getLogger(__name__)
 
-# Transient failures (database, store or broker away) are retried this many times, backing off.
-MAX_TRANSIENT_RETRIES = 12
+# Transient failures (database, store or broker away) are retried for as long as they last,
+# backing off to one attempt a minute: an outage delays a fold, it never fails it.
+MAX_BACKOFF_SECONDS = 60
 
 _context: tuple[int, folds.FoldContext] | None = None
 
@@ -55,10 +56,7 @@ def fold_version(self, version_id: str) -> str:  # noqa: ANN001
         raise self.retry(countdown=deferred.countdown, max_retries=None) from None
     except folds.TransientFoldError as exc:
         retries = self.request.retries or 0
-        if retries >= MAX_TRANSIENT_RETRIES:
-            folds.fail_version(ctx, version_id, "unavailable", f"gave up after {retries} retries: {exc}")
-            return "failed"
-        countdown = min(60, 2 ** min(retries, 6))
+        countdown = min(MAX_BACKOFF_SECONDS, 2 ** min(retries, 6))
         log.warning("fold of version %s hit a transient error (%s); retry in %ss", version_id, exc, countdown)
         raise self.retry(countdown=countdown, max_retries=None) from exc
     log.info("fold of version %s: %s", version_id, outcome)

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     # Worker-side folding.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     work_dir: Path | None = None  # scratch space for folds; default data_dir/work
+    # Stretch every fold to at least this many seconds (paced at its progress reports).
+    # Fault-injection tests use it to kill, cut off or restart things mid-fold; keep 0 in production.
+    fold_min_seconds: float = Field(default=0.0, ge=0.0, le=3600.0)
 
     # Limits on what the API accepts.
     max_header_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)

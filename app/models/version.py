@@ -17,6 +17,8 @@ class VersionStatus(enum.StrEnum):
     running = "running"
     succeeded = "succeeded"
     failed = "failed"
+    # An operator left this version's expert out (after it failed); its successor folds from its parent.
+    skipped = "skipped"
 
 
 class Version(Base):

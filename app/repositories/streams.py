@@ -51,3 +51,13 @@ def allocate_version_number(session: Session, stream_id: str) -> int:
         .returning(Stream.version_count)
         .execution_options(synchronize_session=False)
     ).scalar_one()
+
+
+def lock(session: Session, stream_id: str) -> None:
+    """Hold the stream's row lock until commit (the same lock ``allocate_version_number`` takes)."""
+    session.execute(
+        update(Stream)
+        .where(Stream.id == stream_id)
+        .values(version_count=Stream.version_count)
+        .execution_options(synchronize_session=False)
+    )

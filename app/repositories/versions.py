@@ -13,6 +13,11 @@ S = VersionStatus
 
 
 def add(session: Session, version: Version) -> Version:
+    """Insert a version. A skipped parent is replaced by its own parent: nothing folds from a skip."""
+    if version.parent_id is not None:
+        parent = session.get(Version, version.parent_id)
+        if parent is not None and parent.status == S.skipped:
+            version.parent_id = parent.parent_id
     session.add(version)
     session.flush()
     return version
@@ -124,15 +129,72 @@ def finish(session: Session, version_id: str, *, owner: str, **values: Any) -> b
     return result.rowcount == 1
 
 
-def release(session: Session, version_id: str, *, owner: str) -> bool:
-    """Give the lease back (a transient failure): the version is queued again."""
+def release(
+    session: Session, version_id: str, *, owner: str, error_code: str | None = None, error: str | None = None
+) -> bool:
+    """Give the lease back (a transient failure): the version is queued again, the error kept for users to see."""
     result = session.execute(
         update(Version)
         .where(Version.id == version_id, Version.lease_owner == owner, Version.status == S.running)
-        .values(status=S.queued, lease_owner=None, lease_expires_at=None)
+        .values(status=S.queued, lease_owner=None, lease_expires_at=None, error_code=error_code, error=error)
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
+
+
+def requeue_failed(session: Session, version_id: str) -> bool:
+    """Put a failed version back in the queue (an operator's retry); False if it is not failed."""
+    result = session.execute(
+        update(Version)
+        .where(Version.id == version_id, Version.status == S.failed)
+        .values(status=S.queued, progress=0.0, lease_owner=None, lease_expires_at=None, finished_at=None)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def skip_failed(session: Session, version: Version, *, finished_at: Any) -> Version | None:
+    """Mark a failed version skipped and fold its successor from its parent instead.
+
+    Returns the successor (if one exists). The skipped row keeps its expert and error,
+    so the lineage says which expert was left out and why; its parent, always a
+    succeeded version, becomes the successor's parent.
+    """
+    result = session.execute(
+        update(Version)
+        .where(Version.id == version.id, Version.status == S.failed)
+        .values(status=S.skipped, lease_owner=None, lease_expires_at=None, finished_at=finished_at)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:
+        return None
+    session.execute(
+        update(Version)
+        .where(Version.parent_id == version.id)
+        .values(parent_id=version.parent_id)
+        .execution_options(synchronize_session=False)
+    )
+    session.expire_all()
+    return by_number(session, version.stream_id, version.number + 1)
+
+
+def folds_before(session: Session, parent: Version) -> int:
+    """How many experts are merged into ``parent``: its succeeded ancestors with an expert, itself included.
+
+    The fold index the engine needs (t); it is the version number unless a version was skipped.
+    """
+    if parent.number == 0:
+        return 0
+    return session.scalar(
+        select(func.count())
+        .select_from(Version)
+        .where(
+            Version.stream_id == parent.stream_id,
+            Version.number >= 1,
+            Version.number <= parent.number,
+            Version.status == S.succeeded,
+        )
+    ) or 0
 
 
 def next_after(session: Session, stream_id: str, number: int) -> Version | None:

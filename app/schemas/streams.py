@@ -47,7 +47,7 @@ class VersionError(BaseModel):
 
 class VersionPublic(BaseModel):
     number: int
-    status: str = Field(description="queued, running, succeeded or failed")
+    status: str = Field(description="queued, running, succeeded, failed or skipped (left out by an operator)")
     parent: int | None = Field(description="number of the version this one was folded from")
     expert: ExpertPublic | None = Field(description="the expert folded in (null for version 0, the base)")
     progress: float

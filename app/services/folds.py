@@ -62,7 +62,11 @@ def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, OperationalError | ConnectionError | TimeoutError):
         return True
     try:
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(exc, S3UploadFailedError):  # boto3's transfer manager wraps the connection error
+            return True
 
         if isinstance(exc, ClientError):
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
@@ -116,8 +120,8 @@ def fold_version(ctx: FoldContext, version_id: str, *, owner: str | None = None)
             if version.status == VersionStatus.succeeded:
                 stream_id, number = version.stream_id, version.number
                 outcome = "already_succeeded"
-            elif version.status == VersionStatus.failed:
-                return "failed"
+            elif version.status in (VersionStatus.failed, VersionStatus.skipped):
+                return str(version.status)
             elif versions_repo.claim(
                 session, version_id, owner=owner, now=time.time(), lease_seconds=ctx.settings.fold_lease_seconds
             ):
@@ -151,17 +155,25 @@ def _fold_claimed(ctx: FoldContext, version_id: str, owner: str) -> str:
             stream = streams_repo.get(session, version.stream_id)
             expert = experts_repo.get(session, version.expert_id)
             parent = versions_repo.get(session, version.parent_id)
+            # The engine's fold index: the version number, less the versions an operator skipped.
+            fold_index = versions_repo.folds_before(session, parent) + 1
         number = version.number
         base = _materialize(ctx.store, base_key(stream.id), scratch / "base.safetensors")
         previous = (
-            _materialize(ctx.store, parent.object_key, scratch / "previous.safetensors") if number > 1 else None
+            _materialize(ctx.store, parent.object_key, scratch / "previous.safetensors") if fold_index > 1 else None
         )
         expert_path = _materialize(ctx.store, expert.object_key, scratch / "expert.safetensors")
+
+        paced_from, min_seconds = time.monotonic(), ctx.settings.fold_min_seconds
 
         def progress(fraction: float) -> None:
             if heartbeat.lost:
                 raise LeaseLost(version_id)
             heartbeat.progress = min(max(float(fraction), 0.0), 0.999)
+            if min_seconds:  # pacing for fault-injection tests: `fold_min_seconds`
+                ahead = paced_from + min_seconds * fraction - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
 
         result = fold_checkpoint(
             method=stream.method,
@@ -169,9 +181,9 @@ def _fold_claimed(ctx: FoldContext, version_id: str, owner: str) -> str:
             base=base,
             previous=previous,
             expert=expert_path,
-            state=parent.state if number > 1 else None,
+            state=parent.state if fold_index > 1 else None,
             out=scratch / "out.safetensors",
-            version=number,
+            version=fold_index,
             device=ctx.settings.device,
             progress=progress,
             lineage={"parent_sha256": parent.sha256, "expert_sha256": expert.sha256, "stream": stream.id},
@@ -198,7 +210,10 @@ def _fold_claimed(ctx: FoldContext, version_id: str, owner: str) -> str:
             )
         if not done:
             return "lease_lost"
-        _send_next(ctx, stream.id, number)
+        try:
+            _send_next(ctx, stream.id, number)
+        except Exception:  # the version is done; the stall sweep sends the next one
+            log.warning("could not send the fold after version %s", version_id, exc_info=True)
         return "succeeded"
     except LeaseLost:
         log.warning("lost the lease on version %s; another worker redoes it", version_id)
@@ -210,8 +225,9 @@ def _fold_claimed(ctx: FoldContext, version_id: str, owner: str) -> str:
         return "failed"
     except Exception as exc:
         if _is_transient(exc):
-            _release(ctx, version_id, owner)
-            raise TransientFoldError(f"{type(exc).__name__}: {exc}") from exc
+            message = f"{type(exc).__name__}: {exc}"
+            _release(ctx, version_id, owner, message)
+            raise TransientFoldError(message) from exc
         log.exception("fold of version %s failed", version_id)
         _fail(ctx, version_id, owner, "internal", f"{type(exc).__name__}: {exc}")
         return "failed"
@@ -252,10 +268,12 @@ def _fail(ctx: FoldContext, version_id: str, owner: str, code: str, message: str
         )
 
 
-def _release(ctx: FoldContext, version_id: str, owner: str) -> None:
+def _release(ctx: FoldContext, version_id: str, owner: str, message: str) -> None:
     try:
         with ctx.db.session() as session:
-            versions_repo.release(session, version_id, owner=owner)
+            versions_repo.release(
+                session, version_id, owner=owner, error_code="retrying", error=f"will retry: {message}"[:4000]
+            )
     except Exception:  # the lease will lapse on its own
         log.warning("could not release the lease on version %s", version_id, exc_info=True)
 
@@ -264,7 +282,7 @@ def fail_version(ctx: FoldContext, version_id: str, code: str, message: str) -> 
     """Mark a version failed whoever holds it (retries exhausted)."""
     with ctx.db.session() as session:
         version = versions_repo.get(session, version_id)
-        if version is None or version.status in (VersionStatus.succeeded, VersionStatus.failed):
+        if version is None or version.status in (VersionStatus.succeeded, VersionStatus.failed, VersionStatus.skipped):
             return
         version.status = VersionStatus.failed
         version.error_code, version.error = code, message[:4000]

@@ -250,6 +250,7 @@ def accept_expert(
     """Store an expert and queue its version; (existing, False) if the same bytes were sent before."""
     existing = _existing(session, stream.id, spooled.sha256)
     if existing is not None:
+        _restore_if_missing(store, existing[0], spooled)
         return (*existing, False)
 
     expert_id = new_id()
@@ -286,6 +287,13 @@ def accept_expert(
     )
     fold_after_commit(session, queue, version.id)
     return expert, version, True
+
+
+def _restore_if_missing(store: ObjectStore, expert: Expert, spooled: SpooledCheckpoint) -> None:
+    """Same sha256, same bytes: put a lost expert object back, so its failed fold can be retried."""
+    if not store.exists(expert.object_key):
+        log.warning("expert %s was missing from the store; restored from a re-upload", expert.id)
+        store.put_file(expert.object_key, spooled.path, move=True)
 
 
 def _existing(session: Session, stream_id: str, sha256: str) -> tuple[Expert, Version] | None:

@@ -13,9 +13,17 @@ from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from app.api.deps import QueueDep, RuntimeDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from app.api.errors import checkpoint_error_status
 from app.schemas.errors import ErrorBody
-from app.schemas.streams import StreamCreate, StreamList, StreamPublic, UploadAccepted, VersionList, VersionPublic
+from app.schemas.streams import (
+    StreamCreate,
+    StreamList,
+    StreamPublic,
+    UploadAccepted,
+    VersionList,
+    VersionPublic,
+)
 from app.services import streams as streams_service
 from app.services import uploads as uploads_service
+from app.services import versions as versions_service
 from app.services.errors import Conflict, ServiceError
 from app.storage import version_key
 
@@ -191,6 +199,22 @@ def get_version(stream_id: str, number: str, session: SessionDep, tenant: Tenant
     """One version; ``number`` may be ``latest`` (the newest succeeded version)."""
     stream = streams_service.get_stream(session, tenant, stream_id)
     return streams_service.version_view(session, streams_service.get_version(session, stream, number))
+
+
+@router.post("/{stream_id}/versions/{number}/retry", response_model=VersionPublic, responses=ERRORS)
+def retry_version(stream_id: str, number: str, session: SessionDep, queue: QueueDep, tenant: TenantDep) -> VersionPublic:
+    """Queue a failed version's fold again, once its cause is fixed (409 unless it is failed)."""
+    stream = streams_service.get_stream(session, tenant, stream_id)
+    version = streams_service.get_version(session, stream, number)
+    return streams_service.version_view(session, versions_service.retry(session, queue, stream, version))
+
+
+@router.post("/{stream_id}/versions/{number}/skip", response_model=VersionPublic, responses=ERRORS)
+def skip_version(stream_id: str, number: str, session: SessionDep, queue: QueueDep, tenant: TenantDep) -> VersionPublic:
+    """Leave a failed version's expert out: it becomes ``skipped`` and the next version folds from its parent."""
+    stream = streams_service.get_stream(session, tenant, stream_id)
+    version = streams_service.get_version(session, stream, number)
+    return streams_service.version_view(session, versions_service.skip(session, queue, stream, version))
 
 
 @router.get(

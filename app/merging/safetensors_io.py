@@ -209,8 +209,11 @@ def read_header(path: str | os.PathLike[str], *, max_header_bytes: int = DEFAULT
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            length = header_length(f.read(8), max_header_bytes=max_header_bytes)
-            header_json = f.read(length)
+            first = f.read(9)
+            if len(first) == 9 and first[8:9] != b"{":  # every safetensors header is a JSON object
+                raise NotSafetensors(f"{path.name} is not a safetensors file (no JSON header after the length)")
+            length = header_length(first[:8], max_header_bytes=max_header_bytes)
+            header_json = first[8:] + f.read(length - 1)
             size = os.fstat(f.fileno()).st_size
     except IsADirectoryError:
         raise NotSafetensors(f"{path} is a folder, not a safetensors file") from None

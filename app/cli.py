@@ -65,6 +65,15 @@ def worker(
     )
 
 
+def _die_with_parent() -> None:
+    """In the embedded worker's child process: get SIGTERM when `serve` exits, however it exits."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 @app.command()
 def serve() -> None:
     """Migrate, then run the API (and, when MERGELINE_EMBEDDED_WORKER, a fold worker beside it)."""
@@ -90,7 +99,9 @@ def serve() -> None:
 
     worker_proc: subprocess.Popen | None = None
     if settings.embedded_worker:
-        worker_proc = subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=os.environ.copy())
+        worker_proc = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "worker"], env=os.environ.copy(), preexec_fn=_die_with_parent
+        )
 
     url = f"http://{'[' + settings.host + ']' if ':' in settings.host else settings.host}:{settings.port}"
     typer.echo(f"mergeline API at {url}  (docs: {url}/docs)")

@@ -22,19 +22,19 @@ import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import torch
 
 from app.merging.errors import (
+    CheckpointError,
     DtypeMismatch,
+    HeaderTooLarge,
     KeyMismatch,
     NonFiniteTensor,
     NotSafetensors,
     ShapeMismatch,
     TruncatedCheckpoint,
-    HeaderTooLarge,
-    CheckpointError,
 )
 
 if sys.byteorder != "little":  # safetensors is little-endian; tensors are read straight into memory
@@ -166,11 +166,10 @@ def parse_header(header_json: bytes) -> Header:
         raise NotSafetensors("the safetensors header is not a JSON object")
 
     metadata = raw.pop("__metadata__", None)
-    if metadata is not None:
-        if not isinstance(metadata, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
-        ):
-            raise NotSafetensors("the safetensors __metadata__ must map strings to strings")
+    if metadata is not None and (not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    )):
+        raise NotSafetensors("the safetensors __metadata__ must map strings to strings")
 
     tensors: dict[str, TensorSpec] = {}
     for name, info in raw.items():
@@ -255,7 +254,7 @@ def check_compatible(base: Any, expert: Any, *, what: str = "expert") -> None:
             parts.append(f"missing {len(missing)} tensor(s) of the base: {_names(missing)}")
         if extra:
             parts.append(f"has {len(extra)} tensor(s) the base lacks: {_names(extra)}")
-        raise KeyMismatch(f"the {what} " + "; ".join(parts), tensor=sorted(missing or extra)[0])
+        raise KeyMismatch(f"the {what} " + "; ".join(parts), tensor=min(missing or extra))
     shapes = [n for n, s in base.tensors.items() if expert.tensors[n].shape != s.shape]
     if shapes:
         n = shapes[0]
@@ -356,7 +355,7 @@ class Checkpoint:
     def names(self) -> list[str]:
         """Tensor names in storage order (shard by shard, by offset): the order that reads sequentially."""
         order = []
-        for shard, header in self.shards.items():
+        for header in self.shards.values():
             order.extend(sorted(header.tensors, key=lambda n: header.tensors[n].begin))
         return order
 
@@ -384,7 +383,7 @@ class Checkpoint:
             os.close(fd)
         self._fds.clear()
 
-    def __enter__(self) -> Checkpoint:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -467,7 +466,7 @@ class _FileWriter:
         self.order = [name for name, _, _ in layout]
         self.next = 0
         self.digest = hashlib.sha256()
-        self.file = open(path, "wb", buffering=0)
+        self.file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close() or abort()
         self._write(header)
         self.size = len(header)
 
@@ -537,7 +536,7 @@ class CheckpointWriter:
         self.sha256 = ""
         self.size = 0
 
-    def __enter__(self) -> CheckpointWriter:
+    def __enter__(self) -> Self:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         if self.sharded:
             self.tmp.mkdir()

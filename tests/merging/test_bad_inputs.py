@@ -45,8 +45,8 @@ def setup(tmp_path):
 
 
 def fold_into(setup, expert_path, *, error, code, **kwargs):
-    args = dict(method="opcm", params={}, base=setup["base_path"], previous=None, expert=expert_path,
-                state=None, out=setup["out_dir"] / "v1.safetensors", version=1)
+    args = {"method": "opcm", "params": {}, "base": setup["base_path"], "previous": None, "expert": expert_path,
+                "state": None, "out": setup["out_dir"] / "v1.safetensors", "version": 1}
     args.update(kwargs)
     with pytest.raises(error) as info:
         fold_checkpoint(**args)
@@ -148,7 +148,7 @@ def test_invalid_params_and_unknown_method(setup):
 def test_invalid_state(setup):
     v1 = fold_checkpoint("opcm", {}, setup["base_path"], None, setup["expert_path"], None,
                          setup["dir"] / "v1.safetensors", 1)
-    common = dict(previous=v1.out, out=setup["out_dir"] / "v2.safetensors")
+    common = {"previous": v1.out, "out": setup["out_dir"] / "v2.safetensors"}
     fold_into(setup, setup["expert_path"], error=InvalidState, code="invalid_state", state=None, version=2, **common)
     fold_into(setup, setup["expert_path"], error=InvalidState, code="invalid_state", state=v1.state, version=3, **common)
     fold_into(setup, setup["expert_path"], error=InvalidState, code="invalid_state",

@@ -101,7 +101,7 @@ def test_float32_projection_is_orthogonal_too():
     delta, tau = torch.randn(40, 24), torch.randn(40, 24)
     for method in ("gram", "svd", "auto"):
         projected, r, removed_sq = project_task_vector(delta, tau, alpha=0.5, svd_method=method)
-        u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
+        u, _s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
         p = u.T @ projected.double() @ vh.T
         assert float(torch.diagonal(p).abs().max()) <= 1e-5 * float(tau.norm())
         assert float(p[:r, :r].abs().max()) <= 1e-5 * float(tau.norm())
@@ -155,7 +155,7 @@ def test_zero_delta_tensor_folds_the_task_vector_whole():
     first = {k: v + 0.1 * torch.randn_like(v) for k, v in base.items()}
     first["a.weight"] = base["a.weight"].clone()  # the first expert froze this layer
     second = {k: v + 0.1 * torch.randn_like(v) for k, v in base.items()}
-    (v1, s1, _), (v2, s2, metrics) = _chain(base, [first, second], 0.5)
+    (v1, _s1, _), (v2, s2, metrics) = _chain(base, [first, second], 0.5)
     assert torch.equal(v1["a.weight"], base["a.weight"])
     folded = s2["lambda"] * (v2["a.weight"] - base["a.weight"])
     assert torch.allclose(folded, second["a.weight"] - base["a.weight"], atol=1e-12)

@@ -12,6 +12,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from app.schemas.streams import NAME_PATTERN
 from app.services.errors import CHECKPOINT_STATUS, ServiceError
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,10 @@ def install_error_handlers(app: FastAPI) -> None:
         parts = []
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+            msg = err.get("msg")
+            if err.get("type") == "string_pattern_mismatch" and (err.get("ctx") or {}).get("pattern") == NAME_PATTERN:
+                msg = "must be printable text, without control characters such as NUL or newlines"
+            parts.append(f"{where}: {msg}" if where else str(msg))
         return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)

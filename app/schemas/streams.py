@@ -8,6 +8,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 
+# Names are labels shown back to people: printable text only (PostgreSQL also refuses NUL in text).
+NAME_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+
+
 def _utc(value: datetime | None) -> str | None:
     if value is None:
         return None
@@ -19,7 +23,7 @@ def _utc(value: datetime | None) -> str | None:
 class StreamCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200, pattern=NAME_PATTERN, description="a label; no control characters")
     method: str = Field(default="opcm", description='"opcm" (default) or a baseline: average, task_arithmetic, ties, magmax')
     params: dict[str, Any] = Field(default_factory=dict, description="method hyper-parameters; defaults filled in")
 

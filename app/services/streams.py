@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy.orm import Session
 
 from app.models import Expert, Stream, Version
@@ -32,11 +34,19 @@ def create_stream(session: Session, tenant_id: str, body: StreamCreate) -> Strea
     return streams_repo.add(session, Stream(tenant_id=tenant_id, name=body.name, method=body.method, params=params))
 
 
+# Stream ids are new_id()s. Anything else names no stream, and is answered without a query:
+# a NUL byte or a 10 kB id must not reach the database driver (PostgreSQL refuses NUL in text).
+_STREAM_ID = re.compile(r"[0-9a-f]{32}")
+# Version numbers are stored as 32-bit integers; a larger one names no version.
+_VERSION_NUMBER = re.compile(r"-?[0-9]{1,10}")
+MAX_VERSION_NUMBER = 2**31 - 1
+
+
 def get_stream(session: Session, tenant_id: str, stream_id: str) -> Stream:
     """The tenant's stream, or 404 (another tenant's stream is indistinguishable from none)."""
-    stream = streams_repo.get_for_tenant(session, stream_id, tenant_id)
+    stream = streams_repo.get_for_tenant(session, stream_id, tenant_id) if _STREAM_ID.fullmatch(stream_id) else None
     if stream is None:
-        raise NotFound(f"no stream {stream_id!r}")
+        raise NotFound(f"no stream {stream_id[:80]!r}")
     return stream
 
 
@@ -47,10 +57,11 @@ def get_version(session: Session, stream: Stream, ref: str) -> Version:
         if version is None:
             raise NotFound(f"stream {stream.id} has no succeeded version yet (upload a base first)")
         return version
-    try:
-        number = int(ref)
-    except ValueError:
-        raise ServiceError(f"version must be a number or 'latest', not {ref!r}", code="invalid_version") from None
+    if not ref.lstrip("-").isdecimal() or not ref.isascii():
+        raise ServiceError(f"version must be a number or 'latest', not {ref[:80]!r}", code="invalid_version")
+    if not _VERSION_NUMBER.fullmatch(ref) or not 0 <= int(ref) <= MAX_VERSION_NUMBER:
+        raise NotFound(f"stream {stream.id} has no version {ref[:80]}")
+    number = int(ref)
     version = versions_repo.by_number(session, stream.id, number)
     if version is None:
         raise NotFound(f"stream {stream.id} has no version {number}")

@@ -14,6 +14,7 @@ from app.api.deps import QueueDep, RuntimeDep, SessionDep, SettingsDep, StoreDep
 from app.api.errors import checkpoint_error_status
 from app.schemas.errors import ErrorBody
 from app.schemas.streams import (
+    NAME_PATTERN,
     StreamCreate,
     StreamList,
     StreamPublic,
@@ -155,7 +156,9 @@ async def upload_expert(
     queue: QueueDep,
     tenant: TenantDep,
     runtime: RuntimeDep,
-    name: Annotated[str | None, Query(max_length=200, description="a label for the expert")] = None,
+    name: Annotated[
+        str | None, Query(max_length=200, pattern=NAME_PATTERN, description="a label for the expert")
+    ] = None,
 ) -> Any:
     """Upload an expert; its header is checked against the base before the body is accepted.
 

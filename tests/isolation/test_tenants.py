@@ -1,0 +1,114 @@
+"""Isolation on every endpoint, found by walking the app's routes (a new endpoint cannot be missed):
+another tenant's token gets 404 and changes nothing; a missing, malformed or unknown token gets 401."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.hostile.state import stored_state
+from tests.isolation.conftest import ALICE, BOB, TwoTenants
+
+# Routes anyone may call: liveness for probes, Prometheus scraping, and the API's own documentation.
+PUBLIC = {"/healthz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+BAD_AUTHORIZATION = {
+    "missing": None,
+    "unknown token": f"Bearer {ALICE}x",
+    "empty bearer": "Bearer ",
+    "scheme only": "Bearer",
+    "basic scheme": f"Basic {ALICE}",
+    "no scheme": ALICE,
+    "token plus junk": f"Bearer {ALICE} {BOB}",
+    "prefix of a token": f"Bearer {ALICE[:-1]}",
+    "non-ASCII": "Bearer tok-\u00e9t\u00e9".encode(),  # sent as raw UTF-8 bytes
+}
+
+
+def _walk(routes, prefix: str = ""):  # noqa: ANN001, ANN202
+    for route in routes:
+        included = getattr(route, "original_router", None)  # FastAPI >= 0.16x keeps included routers whole
+        if included is not None:
+            context = getattr(route, "include_context", None)
+            yield from _walk(included.routes, prefix + (getattr(context, "prefix", "") or ""))
+        elif hasattr(route, "path"):
+            yield prefix + route.path, getattr(route, "methods", None) or {"GET"}
+        else:
+            raise AssertionError(f"cannot walk route {route!r}: teach this test about {type(route).__name__}")
+
+
+def endpoints(app) -> list[tuple[str, str]]:  # noqa: ANN001
+    """(method, path template) of every route the app serves."""
+    return sorted((m, path) for path, methods in _walk(app.routes) for m in methods - {"HEAD", "OPTIONS"})
+
+
+def fill(path: str, stream_id: str) -> str:
+    values = {"stream_id": stream_id, "number": "1"}
+    unknown = set(re.findall(r"{(\w+)}", path)) - set(values)
+    assert not unknown, f"{path}: teach this test what to put in {unknown}"
+    return path.format(**values)
+
+
+def call(two_tenants: TwoTenants, method: str, path: str, authorization: str | bytes | None):  # noqa: ANN201
+    headers = {"Authorization": authorization} if authorization is not None else {}
+    body = two_tenants.expert if method in ("PUT", "POST") and not path.endswith("/v1/streams") else None
+    json = {"name": "mallory"} if method == "POST" and path.endswith("/v1/streams") else None
+    return two_tenants.client.request(method, path, headers=headers, content=body, json=json)
+
+
+def assert_error_shape(response, status: int, code: str) -> None:  # noqa: ANN001
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["code"] == code and body["error"]["message"], body
+
+
+def test_the_route_walk_sees_every_endpoint(two_tenants: TwoTenants) -> None:
+    walked = endpoints(two_tenants.app)
+    documented = {(m.upper(), p) for p, ops in two_tenants.client.get("/openapi.json").json()["paths"].items() for m in ops}
+    assert documented <= set(walked)
+    assert len(walked) >= 16
+    assert {path for _, path in walked} >= {"/v1/streams", "/v1/streams/{stream_id}/versions/{number}/download"}
+    assert {path for _, path in walked} - PUBLIC, "every other route needs a token"
+
+
+@pytest.mark.parametrize("bad", list(BAD_AUTHORIZATION))
+def test_every_non_public_endpoint_answers_401_to_a_bad_token(two_tenants: TwoTenants, bad: str) -> None:
+    before = stored_state(two_tenants.app.state.runtime.db.engine, two_tenants.app.state.runtime.store)
+    checked = 0
+    for method, template in endpoints(two_tenants.app):
+        if template in PUBLIC:
+            continue
+        r = call(two_tenants, method, fill(template, two_tenants.stream_id), BAD_AUTHORIZATION[bad])
+        assert_error_shape(r, 401, "unauthorized")
+        assert r.headers.get("www-authenticate") == "Bearer", (method, template)
+        checked += 1
+    assert checked >= 10
+    assert stored_state(two_tenants.app.state.runtime.db.engine, two_tenants.app.state.runtime.store) == before
+
+
+def test_public_endpoints_answer_without_a_token(two_tenants: TwoTenants) -> None:
+    for method, template in endpoints(two_tenants.app):
+        if template in PUBLIC and method == "GET" and "oauth2" not in template:
+            assert two_tenants.client.get(template).status_code == 200, template
+
+
+def test_another_tenants_token_gets_404_everywhere_and_changes_nothing(two_tenants: TwoTenants) -> None:
+    runtime = two_tenants.app.state.runtime
+    before = stored_state(runtime.db.engine, runtime.store)
+    checked = 0
+    for method, template in endpoints(two_tenants.app):
+        if "{stream_id}" not in template:
+            continue
+        r = call(two_tenants, method, fill(template, two_tenants.stream_id), f"Bearer {BOB}")
+        assert_error_shape(r, 404, "not_found")
+        # Indistinguishable from a stream that does not exist.
+        missing = call(two_tenants, method, fill(template, "0" * 32), f"Bearer {BOB}")
+        assert r.json()["error"]["message"].replace(two_tenants.stream_id, "0" * 32) == missing.json()["error"]["message"]
+        checked += 1
+    assert checked >= 8
+    assert stored_state(runtime.db.engine, runtime.store) == before
+    # Bob's list shows none of Alice's streams; Alice still sees hers.
+    listed = two_tenants.client.get("/v1/streams", headers=two_tenants.headers(BOB)).json()["streams"]
+    assert two_tenants.stream_id not in {s["id"] for s in listed}
+    assert two_tenants.client.get(f"/v1/streams/{two_tenants.stream_id}", headers=two_tenants.headers()).status_code == 200

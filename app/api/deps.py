@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 from celery import Celery
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -16,6 +17,8 @@ from app.core.metrics import ApiMetrics
 from app.services.auth import TenantResolver
 from app.services.queue import FoldQueue
 from app.storage import ObjectStore
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -31,7 +34,7 @@ class Runtime:
     resolver: TenantResolver | None = None
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
@@ -53,28 +56,53 @@ def get_session(runtime: RuntimeDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
-def get_store(runtime: RuntimeDep) -> ObjectStore:
+class Reader:
+    """Read-only routes: run one function with a fresh session in one worker-thread hop.
+
+    The GET endpoints are the hot path (clients poll them); a generator dependency costs
+    two extra thread hops per request and holds a connection until its exit runs.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
+        return await run_in_threadpool(self._run, fn, *args)
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        with self.db.sessionmaker() as session:
+            return fn(session, *args)
+
+
+async def get_reader(runtime: RuntimeDep) -> Reader:
+    return Reader(runtime.db)
+
+
+ReaderDep = Annotated[Reader, Depends(get_reader)]
+
+
+async def get_store(runtime: RuntimeDep) -> ObjectStore:
     return runtime.store
 
 
 StoreDep = Annotated[ObjectStore, Depends(get_store)]
 
 
-def get_queue(runtime: RuntimeDep) -> FoldQueue:
+async def get_queue(runtime: RuntimeDep) -> FoldQueue:
     return runtime.queue
 
 
 QueueDep = Annotated[FoldQueue, Depends(get_queue)]
 
 
-def get_settings_dep(runtime: RuntimeDep) -> Settings:
+async def get_settings_dep(runtime: RuntimeDep) -> Settings:
     return runtime.settings
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
-def get_tenant(request: Request, runtime: RuntimeDep) -> str:
+async def get_tenant(request: Request, runtime: RuntimeDep) -> str:
     """The caller's tenant id, from ``Authorization: Bearer <token>`` (401 if missing or unknown)."""
     assert runtime.resolver is not None
     return runtime.resolver.resolve(request.headers.get("authorization"))

@@ -48,8 +48,71 @@ class SpooledCheckpoint:
         self.path.unlink(missing_ok=True)
 
 
-def _write_block(out: BinaryIO, hasher: Any, block: bytearray) -> None:
-    # hashlib and file writes release the GIL: this overlaps with receiving the next block.
+class FiniteScan:
+    """Checks every floating tensor for NaN/Inf as its bytes stream past.
+
+    Bounded memory and no second read of the file: each block is viewed in place as
+    tensor elements (an element split across two blocks is carried over, at most 7 bytes).
+    """
+
+    def __init__(self, header: Any, data_start: int) -> None:
+        from app.merging import safetensors_io as stio
+
+        self._stio = stio
+        self.ranges = sorted(
+            (data_start + spec.begin, data_start + spec.end, name, *stio.DTYPES[spec.dtype])
+            for name, spec in header.tensors.items()
+            if spec.dtype in stio.FLOATING_DTYPES and spec.end > spec.begin
+        )
+        self.index = 0
+        self.carry = b""
+
+    def feed(self, pos: int, block: bytearray | bytes) -> None:
+        """Scan ``block``, which holds bytes ``[pos, pos + len(block))`` of the file."""
+        end = pos + len(block)
+        view = memoryview(block)
+        while self.index < len(self.ranges):
+            begin, stop, name, dtype, size = self.ranges[self.index]
+            if begin >= end:
+                return
+            lo, hi = max(begin, pos), min(stop, end)
+            segment = view[lo - pos : hi - pos]
+            if self.carry:  # complete the element split across the previous block's end
+                need = size - len(self.carry)
+                if len(segment) < need:
+                    self.carry += bytes(segment)
+                    return
+                self._check(bytearray(self.carry) + segment[:need], dtype, name)
+                segment = segment[need:]
+                self.carry = b""
+            aligned = len(segment) - len(segment) % size
+            if aligned:
+                self._check(segment[:aligned], dtype, name)
+            self.carry = bytes(segment[aligned:])
+            if stop > end:
+                return
+            self.index += 1
+            self.carry = b""
+
+    def _check(self, data: Any, dtype: Any, name: str) -> None:
+        import torch
+
+        values = torch.frombuffer(data, dtype=dtype)
+        if values.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            values = values.float()
+        finite = torch.isfinite(values)
+        if not bool(finite.all()):
+            bad = int(finite.numel() - finite.sum())
+            nans = int(torch.isnan(values).sum())
+            raise self._stio.NonFiniteTensor(
+                f"tensor {name!r} has non-finite values ({bad} in one block: {nans} NaN, {bad - nans} Inf)",
+                tensor=name,
+            )
+
+
+def _write_block(out: BinaryIO, hasher: Any, scan: FiniteScan, pos: int, block: bytearray) -> None:
+    # hashlib, torch and file writes release the GIL: this overlaps with receiving the next block.
+    scan.feed(pos, block)
     hasher.update(block)
     out.write(block)
 
@@ -124,9 +187,10 @@ async def spool_checkpoint(
     path = Path(out.name)
     hasher = hashlib.sha256()
     received = len(buf)
+    scan = FiniteScan(header, 8 + header_len)
     pending: asyncio.Future | None = None
     try:
-        block = buf
+        block, block_pos = buf, 0
         async for chunk in iterator:
             received += len(chunk)
             if received > expected:
@@ -138,20 +202,20 @@ async def spool_checkpoint(
             if len(block) >= BLOCK_BYTES:
                 if pending is not None:
                     await pending
-                pending = asyncio.ensure_future(asyncio.to_thread(_write_block, out, hasher, block))
+                pending = asyncio.ensure_future(asyncio.to_thread(_write_block, out, hasher, scan, block_pos, block))
+                block_pos += len(block)
                 block = bytearray()
         if pending is not None:
             await pending
             pending = None
-        if block:
-            await asyncio.to_thread(_write_block, out, hasher, block)
-        out.close()
         if received < expected:
             raise ServiceError(
                 f"the body ends after {received} bytes but its safetensors header declares {expected}",
                 code="truncated",
             )
-        await asyncio.to_thread(stio.check_finite, path)
+        if block:
+            await asyncio.to_thread(_write_block, out, hasher, scan, block_pos, block)
+        out.close()
     except BaseException:
         if pending is not None:
             try:

@@ -9,8 +9,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from sqlalchemy.orm import Session
 
-from app.api.deps import QueueDep, RuntimeDep, SessionDep, SettingsDep, StoreDep, TenantDep
+from app.api.deps import QueueDep, ReaderDep, RuntimeDep, SessionDep, SettingsDep, StoreDep, TenantDep
 from app.api.errors import checkpoint_error_status
 from app.schemas.errors import ErrorBody
 from app.schemas.streams import (
@@ -106,15 +107,18 @@ def create_stream(body: StreamCreate, session: SessionDep, tenant: TenantDep) ->
 
 
 @router.get("", response_model=StreamList, responses=ERRORS)
-def list_streams(session: SessionDep, tenant: TenantDep) -> StreamList:
+async def list_streams(read: ReaderDep, tenant: TenantDep) -> StreamList:
     """The caller's streams, oldest first, each with its latest succeeded version."""
-    return StreamList(streams=streams_service.list_streams(session, tenant))
+    return StreamList(streams=await read(streams_service.list_streams, tenant))
+
+
+def _stream_view(session: Session, tenant: str, stream_id: str) -> StreamPublic:
+    return streams_service.stream_views(session, [streams_service.get_stream(session, tenant, stream_id)])[0]
 
 
 @router.get("/{stream_id}", response_model=StreamPublic, responses=ERRORS)
-def get_stream(stream_id: str, session: SessionDep, tenant: TenantDep) -> StreamPublic:
-    stream = streams_service.get_stream(session, tenant, stream_id)
-    return streams_service.stream_views(session, [stream])[0]
+async def get_stream(stream_id: str, read: ReaderDep, tenant: TenantDep) -> StreamPublic:
+    return await read(_stream_view, tenant, stream_id)
 
 
 @router.put(
@@ -188,20 +192,28 @@ async def upload_expert(
     return JSONResponse(status_code=202 if created else 200, content=body.model_dump(mode="json"))
 
 
-@router.get("/{stream_id}/versions", response_model=VersionList, responses=ERRORS)
-def list_versions(stream_id: str, session: SessionDep, tenant: TenantDep) -> VersionList:
-    """Every version of the stream, oldest first (0 is the base)."""
-    stream = streams_service.get_stream(session, tenant, stream_id)
+def _version_list(session: Session, tenant: str, stream_id: str) -> VersionList:
     from app.repositories import versions as versions_repo
 
+    stream = streams_service.get_stream(session, tenant, stream_id)
     return VersionList(versions=streams_service.version_views(session, versions_repo.list_for_stream(session, stream.id)))
 
 
-@router.get("/{stream_id}/versions/{number}", response_model=VersionPublic, responses=ERRORS)
-def get_version(stream_id: str, number: str, session: SessionDep, tenant: TenantDep) -> VersionPublic:
-    """One version; ``number`` may be ``latest`` (the newest succeeded version)."""
+@router.get("/{stream_id}/versions", response_model=VersionList, responses=ERRORS)
+async def list_versions(stream_id: str, read: ReaderDep, tenant: TenantDep) -> VersionList:
+    """Every version of the stream, oldest first (0 is the base)."""
+    return await read(_version_list, tenant, stream_id)
+
+
+def _version_view(session: Session, tenant: str, stream_id: str, number: str) -> VersionPublic:
     stream = streams_service.get_stream(session, tenant, stream_id)
     return streams_service.version_view(session, streams_service.get_version(session, stream, number))
+
+
+@router.get("/{stream_id}/versions/{number}", response_model=VersionPublic, responses=ERRORS)
+async def get_version(stream_id: str, number: str, read: ReaderDep, tenant: TenantDep) -> VersionPublic:
+    """One version; ``number`` may be ``latest`` (the newest succeeded version)."""
+    return await read(_version_view, tenant, stream_id, number)
 
 
 @router.post("/{stream_id}/versions/{number}/retry", response_model=VersionPublic, responses=ERRORS)

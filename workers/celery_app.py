@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 from celery.signals import worker_process_init, worker_ready
 
@@ -34,3 +36,18 @@ def _resend_runnable(**_: object) -> None:
             log.info("re-sent %d runnable fold(s)", count)
     except Exception:
         log.exception("could not re-send runnable folds at start-up")
+    threading.Thread(target=_sweep_stalled, name="stall-sweep", daemon=True).start()
+
+
+def _sweep_stalled() -> None:
+    """Every half lease, re-send folds whose worker died or whose message was lost (see resend_stalled)."""
+    from app.services.folds import resend_stalled
+    from workers.tasks import context
+
+    interval = max(1.0, get_settings().fold_lease_seconds / 2)
+    while True:
+        time.sleep(interval)
+        try:
+            resend_stalled(context())
+        except Exception:  # the database or broker is away; the next sweep tries again
+            log.warning("stall sweep failed", exc_info=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, exists, func, or_, select, update
@@ -130,13 +131,23 @@ def finish(session: Session, version_id: str, *, owner: str, **values: Any) -> b
 
 
 def release(
-    session: Session, version_id: str, *, owner: str, error_code: str | None = None, error: str | None = None
+    session: Session,
+    version_id: str,
+    *,
+    owner: str,
+    quiet_until: float | None = None,
+    error_code: str | None = None,
+    error: str | None = None,
 ) -> bool:
-    """Give the lease back (a transient failure): the version is queued again, the error kept for users to see."""
+    """Give the lease back (a transient failure): the version is queued again, the error kept for users to see.
+
+    On a queued version ``lease_expires_at`` means "the stall sweep leaves it alone until then":
+    its own retry is already scheduled.
+    """
     result = session.execute(
         update(Version)
         .where(Version.id == version_id, Version.lease_owner == owner, Version.status == S.running)
-        .values(status=S.queued, lease_owner=None, lease_expires_at=None, error_code=error_code, error=error)
+        .values(status=S.queued, lease_owner=None, lease_expires_at=quiet_until, error_code=error_code, error=error)
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
@@ -218,3 +229,38 @@ def runnable(session: Session, *, now: float) -> list[Version]:
             .order_by(Version.stream_id, Version.number)
         )
     )
+
+
+def take_stalled(session: Session, *, now: float, quiet_for: float) -> list[str]:
+    """Versions whose turn it is but that no live worker is folding; each is handed out once.
+
+    Stalled: running under a lease that expired (its worker died), or queued for longer
+    than ``quiet_for`` seconds since both it and its parent's success (its message was
+    lost). Each is put back to ``queued`` and left alone for another ``quiet_for``
+    seconds; the conditional UPDATE lets only one sweeper take it, on any database.
+    """
+    parent = aliased(Version)
+    cutoff = datetime.fromtimestamp(now - quiet_for, UTC)
+    expired = and_(Version.status == S.running, Version.lease_expires_at < now)
+    forgotten = and_(
+        Version.status == S.queued,
+        func.coalesce(Version.lease_expires_at, 0) < now,
+        Version.created_at < cutoff,
+    )
+    candidates = session.scalars(
+        select(Version.id)
+        .join(parent, parent.id == Version.parent_id)
+        .where(parent.status == S.succeeded, or_(expired, and_(forgotten, parent.finished_at < cutoff)))
+        .order_by(Version.stream_id, Version.number)
+    ).all()
+    taken = []
+    for version_id in candidates:
+        result = session.execute(
+            update(Version)
+            .where(Version.id == version_id, or_(expired, forgotten))
+            .values(status=S.queued, lease_owner=None, lease_expires_at=now + quiet_for)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:
+            taken.append(version_id)
+    return taken

@@ -42,6 +42,11 @@ class FoldContext:
     settings: Settings
 
 
+# A queued version untouched this long (it and its parent's success) has lost its message;
+# longer than a transient retry's longest backoff, so a scheduled retry is never doubled.
+STALL_QUIET_SECONDS = 120.0
+
+
 class FoldDeferred(Exception):
     """Another live worker holds the version's lease: look again after ``countdown`` seconds."""
 
@@ -272,7 +277,12 @@ def _release(ctx: FoldContext, version_id: str, owner: str, message: str) -> Non
     try:
         with ctx.db.session() as session:
             versions_repo.release(
-                session, version_id, owner=owner, error_code="retrying", error=f"will retry: {message}"[:4000]
+                session,
+                version_id,
+                owner=owner,
+                quiet_until=time.time() + STALL_QUIET_SECONDS,
+                error_code="retrying",
+                error=f"will retry: {message}"[:4000],
             )
     except Exception:  # the lease will lapse on its own
         log.warning("could not release the lease on version %s", version_id, exc_info=True)
@@ -303,5 +313,19 @@ def resend_runnable(ctx: FoldContext) -> int:
     with ctx.db.session() as session:
         ids = [v.id for v in versions_repo.runnable(session, now=time.time())]
     for version_id in ids:
+        ctx.queue.send_fold(version_id)
+    return len(ids)
+
+
+def resend_stalled(ctx: FoldContext) -> int:
+    """Send the folds whose worker died (expired lease) or whose message was lost (the stall sweep).
+
+    Recovery from a dead worker then takes one lease period, not the broker's visibility
+    timeout; the broker's own re-delivery of the same message later is a harmless no-op.
+    """
+    with ctx.db.session() as session:
+        ids = versions_repo.take_stalled(session, now=time.time(), quiet_for=STALL_QUIET_SECONDS)
+    for version_id in ids:
+        log.warning("version %s stalled (dead worker or lost message): sending its fold again", version_id)
         ctx.queue.send_fold(version_id)
     return len(ids)

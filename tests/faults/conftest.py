@@ -159,7 +159,7 @@ class Cluster:
 
         def up() -> bool:
             assert self.api.alive, self.api.log()
-            return httpx.get(f"{self.url}/openapi.json", timeout=2).status_code == 200
+            return httpx.get(f"{self.url}/healthz", timeout=5).status_code in (200, 503)
 
         wait_until(up, 60, 0.2, "the API")
         return self.url

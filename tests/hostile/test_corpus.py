@@ -152,3 +152,25 @@ def test_body_and_header_limits_are_settings_and_answer_413(small_limits_api, tm
     # Within both limits the same stream takes a base.
     assert client.put(path, content=small.raw, headers=headers).status_code == 201
     assert client.get(f"/v1/streams/{stream_id}", headers=headers).json()["base"]["size"] == len(small.raw)
+
+
+@pytest.mark.parametrize("name", ["../../../etc/passwd", "..\\..\\boot.ini", "/abs/path", "a/../../b"])
+def test_an_expert_name_with_path_separators_is_only_a_label(hostile_api: HostileApi, tmp_path: Path, name: str) -> None:
+    """The name is a label: object keys are built from generated ids, so nothing lands outside the stream's folder."""
+    import torch
+    from safetensors.torch import load, save
+
+    api = hostile_api
+    stream_id = api.client.post("/v1/streams", json={"name": "labels"}, headers=api.headers).json()["id"]
+    assert api.client.put(f"/v1/streams/{stream_id}/base", content=api.valid_base.raw, headers=api.headers).status_code == 201
+    tensors = load(api.valid_expert.raw)
+    tensors["norm.weight"] = tensors["norm.weight"] + torch.rand(1).item()  # new bytes for every name
+    r = api.client.post(f"/v1/streams/{stream_id}/experts", params={"name": name}, content=save(tensors), headers=api.headers)
+    assert r.status_code == 202, r.text
+    assert r.json()["expert"]["name"] == name
+    keys = api.runtime.store.list_keys(f"streams/{stream_id}/")
+    assert keys == [f"streams/{stream_id}/base.safetensors", f"streams/{stream_id}/experts/{r.json()['expert']['id']}.safetensors"]
+    assert re.fullmatch(r"[0-9a-f]{32}", r.json()["expert"]["id"])
+    store_root = Path(api.settings.store_path).resolve()
+    assert all(p.resolve().is_relative_to(store_root) for p in store_root.rglob("*"))
+    api.queue.sent.clear()

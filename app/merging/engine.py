@@ -151,6 +151,21 @@ class _DictScratch(dict):
         self.clear()
 
 
+def _scratch_for(device: torch.device, base: TensorSource, directory: Path) -> Callable[[], Any]:
+    """Where pass 1 keeps D: in GPU memory when all of it fits with room to spare, else a file.
+
+    On a GPU the decomposition is fast enough that writing and re-reading a float32 copy of the
+    model would dominate the fold; the host keeps its memory bound either way.
+    """
+    if device.type == "cuda":
+        needed = sum(4 * s.numel for s in base.tensors.values() if s.is_floating)
+        largest = max((4 * s.numel for s in base.tensors.values()), default=0)
+        free, _ = torch.cuda.mem_get_info(device)
+        if needed + 8 * largest < 0.8 * free:
+            return _DictScratch
+    return lambda: _ScratchFile(directory)
+
+
 class _DictSink(dict):
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self[name] = tensor.to("cpu")
@@ -480,7 +495,7 @@ def fold_checkpoint(
                 version=version,
                 device=torch_device,
                 sink=writer,
-                scratch_factory=lambda: _ScratchFile(scratch_root),
+                scratch_factory=_scratch_for(torch_device, base_ck, scratch_root),
                 progress=tracker,
                 svd_method=svd_method,
             )

@@ -1,0 +1,240 @@
+"""API benchmarks on the embedded defaults (``mergeline serve``: SQLite, local folder, embedded worker).
+
+1. Upload throughput of a ~1 GB expert (and its base) over loopback with curl, and the API
+   process's peak RSS while it streams (it must stay flat: the body is never held in memory).
+2. ``GET /v1/streams/{id}/versions/latest`` latency at 100 concurrent keep-alive clients:
+   closed loop (each client sends its next request as soon as the previous answer arrives,
+   i.e. the server saturated) and open loop (each client at a fixed rate).
+
+    .venv/bin/python bench/api.py                      # writes bench/results/api.json
+    .venv/bin/python bench/api.py --upload-gb 0.2 --duration 5 --out /tmp/api.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_checkpoints(work: Path, gigabytes: float) -> tuple[Path, Path]:
+    """A base and an expert of ~``gigabytes`` each: 1-D float32 tensors of 64 Mi values."""
+    per_tensor = 64 * 1024 * 1024
+    n_tensors = max(1, round(gigabytes * 1024**3 / (per_tensor * 4)))
+    g = torch.Generator().manual_seed(0)
+    base = {f"block{i}.scale": torch.randn(per_tensor, generator=g) for i in range(n_tensors)}
+    base_path, expert_path = work / "base.safetensors", work / "expert.safetensors"
+    save_file(base, str(base_path))
+    for t in base.values():
+        t[:: 4096] += 0.01  # a sparse fine-tune: enough to be a different expert
+    save_file(base, str(expert_path))
+    return base_path, expert_path
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, pid: int, interval: float = 0.02) -> None:
+        super().__init__(daemon=True)
+        self.proc = psutil.Process(pid)
+        self.interval = interval
+        self.samples: list[int] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                self.samples.append(self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(self.interval)
+
+    def stop(self) -> int:
+        self._halt.set()
+        self.join()
+        return max(self.samples)
+
+
+def curl_upload(method: str, url: str, path: Path) -> dict:
+    out = subprocess.run(
+        ["curl", "-sS", "-X", method, "-T", str(path), "-H", "Expect:", "-H", "Content-Type: application/octet-stream",
+         "-o", "/dev/null", "-w", "%{http_code} %{time_total}", url],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    code, seconds = out.stdout.split()
+    size = path.stat().st_size
+    return {"status": int(code), "bytes": size, "seconds": float(seconds), "gb_per_s": size / float(seconds) / 1e9}
+
+
+def measure_upload(url: str, pid: int, stream_id: str, base: Path, expert: Path) -> dict:
+    rss_before = psutil.Process(pid).memory_info().rss
+    results = {}
+    for name, method, target, path in (
+        ("base", "PUT", f"{url}/v1/streams/{stream_id}/base", base),
+        ("expert", "POST", f"{url}/v1/streams/{stream_id}/experts?name=big", expert),
+    ):
+        sampler = RssSampler(pid)
+        sampler.start()
+        result = curl_upload(method, target, path)
+        result["peak_rss_mb"] = sampler.stop() / 2**20
+        assert result["status"] in (201, 202), result
+        results[name] = result
+    results["rss_before_mb"] = rss_before / 2**20
+    results["rss_growth_mb"] = max(r["peak_rss_mb"] for r in results.values() if isinstance(r, dict)) - rss_before / 2**20
+    return results
+
+
+async def _client(host: str, port: int, path: str, stop_at: float, latencies: list[float], interval: float | None) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: keep-alive\r\n\r\n".encode()
+    # Open loop: each client starts at a random phase, so requests arrive spread out, not in bursts.
+    next_at = time.perf_counter() + (random.uniform(0, interval) if interval else 0.0)
+    try:
+        while True:
+            if interval is not None:
+                next_at += interval
+                delay = next_at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            start = time.perf_counter()
+            if start >= stop_at:
+                return
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            body = await reader.readexactly(length)
+            latencies.append(time.perf_counter() - start)
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(head + body)
+    finally:
+        writer.close()
+
+
+def load(url: str, path: str, clients: int, seconds: float, rate_per_client: float | None) -> dict:
+    host, port = url.removeprefix("http://").split(":")
+    latencies: list[float] = []
+
+    async def main() -> None:
+        stop_at = time.perf_counter() + seconds
+        interval = 1 / rate_per_client if rate_per_client else None
+        await asyncio.gather(*(_client(host, int(port), path, stop_at, latencies, interval) for _ in range(clients)))
+
+    start = time.perf_counter()
+    asyncio.run(main())
+    elapsed = time.perf_counter() - start
+    ordered = sorted(latencies)
+
+    def pct(p: float) -> float:
+        return ordered[min(len(ordered) - 1, int(p * len(ordered)))] * 1000
+
+    return {
+        "clients": clients,
+        "seconds": round(elapsed, 2),
+        "requests": len(ordered),
+        "requests_per_s": round(len(ordered) / elapsed, 1),
+        "rate_per_client": rate_per_client,
+        "p50_ms": round(pct(0.50), 2),
+        "p90_ms": round(pct(0.90), 2),
+        "p99_ms": round(pct(0.99), 2),
+        "max_ms": round(ordered[-1] * 1000, 2),
+        "mean_ms": round(statistics.fmean(ordered) * 1000, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--upload-gb", type=float, default=1.0)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--rate-per-client", type=float, default=5.0, help="open-loop rate of each client (req/s)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "api.json")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="mergeline-bench-api-"))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MERGELINE_")}
+    env.update(MERGELINE_DATA_DIR=str(work / "var"), MERGELINE_PORT=str(port), MERGELINE_LOG_LEVEL="WARNING",
+               MERGELINE_MAX_UPLOAD_BYTES=str(64 * 1024**3))  # fmt: skip
+    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/openapi.json").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        client = httpx.Client(base_url=url, timeout=600)
+
+        # Latency first, on a stream whose latest version is a small folded one.
+        small = work / "small"
+        small.mkdir()
+        sys.path.insert(0, str(ROOT))
+        from tests.checkpoints import make_base, make_expert
+
+        tensors = make_base(small / "base.safetensors")
+        make_expert(tensors, small / "e1.safetensors", seed=1)
+        sid = client.post("/v1/streams", json={"name": "latency"}).json()["id"]
+        client.put(f"/v1/streams/{sid}/base", content=(small / "base.safetensors").read_bytes()).raise_for_status()
+        client.post(f"/v1/streams/{sid}/experts", content=(small / "e1.safetensors").read_bytes()).raise_for_status()
+        for _ in range(600):
+            if client.get(f"/v1/streams/{sid}/versions/1").json()["status"] == "succeeded":
+                break
+            time.sleep(0.1)
+        path = f"/v1/streams/{sid}/versions/latest"
+        load(url, path, args.clients, 2, None)  # warm-up
+        closed = load(url, path, args.clients, args.duration, None)
+        opened = load(url, path, args.clients, args.duration, args.rate_per_client)
+
+        big = work / "big"
+        big.mkdir()
+        base, expert = make_checkpoints(big, args.upload_gb)
+        bid = client.post("/v1/streams", json={"name": "upload"}).json()["id"]
+        upload = measure_upload(url, server.pid, bid, base, expert)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
+
+    result = {
+        "benchmark": "api",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "mode": "embedded defaults (mergeline serve: SQLite, local folder, embedded worker), loopback",
+        "upload": upload,
+        "latest_latency": {"closed_loop": closed, "open_loop": opened},
+        "targets": {"upload_gb_per_s": 1.0, "latest_p99_ms": 25},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

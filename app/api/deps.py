@@ -9,6 +9,7 @@ from typing import Annotated, Any, TypeVar
 from celery import Celery
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
@@ -102,7 +103,15 @@ async def get_settings_dep(runtime: RuntimeDep) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 
 
-async def get_tenant(request: Request, runtime: RuntimeDep) -> str:
+# Declares the bearer scheme in the OpenAPI document (the docs' "Authorize" button, and clients
+# generated from the schema). It does not decide anything: auto_error=False, and the resolver
+# below reads the raw header so that every bad token gets the same 401 body.
+BEARER = HTTPBearer(auto_error=False, description="Authorization: Bearer <token>; tokens map to tenants")
+
+
+async def get_tenant(
+    request: Request, runtime: RuntimeDep, _: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)]
+) -> str:
     """The caller's tenant id, from ``Authorization: Bearer <token>`` (401 if missing or unknown)."""
     assert runtime.resolver is not None
     return runtime.resolver.resolve(request.headers.get("authorization"))

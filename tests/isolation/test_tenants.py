@@ -112,3 +112,12 @@ def test_another_tenants_token_gets_404_everywhere_and_changes_nothing(two_tenan
     listed = two_tenants.client.get("/v1/streams", headers=two_tenants.headers(BOB)).json()["streams"]
     assert two_tenants.stream_id not in {s["id"] for s in listed}
     assert two_tenants.client.get(f"/v1/streams/{two_tenants.stream_id}", headers=two_tenants.headers()).status_code == 200
+
+
+def test_the_schema_declares_the_bearer_scheme_on_every_non_public_operation(two_tenants: TwoTenants) -> None:
+    schema = two_tenants.client.get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            expected = None if path in PUBLIC else [{"HTTPBearer": []}]
+            assert operation.get("security") == expected, (method, path)

@@ -11,9 +11,9 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from bench.quality.folds import MethodConfig  # noqa: E402
+from bench.quality.folds import MethodConfig
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
@@ -127,14 +127,14 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Merge quality: continual merging of ViT experts on sklearn digits",
         "",
-        f"{len(tasks)} tasks, {len(config['orders'])} task orders × {len(config['seeds'])} seeds "
+        (f"{len(tasks)} tasks, {len(config['orders'])} task orders × {len(config['seeds'])} seeds "
         f"= {runs} runs per method; every fold through `app.merging.fold_checkpoint`. "
-        f"Wall time {results['wall_seconds'] / 60:.1f} min on {config['threads']} torch thread(s).",
+        f"Wall time {results['wall_seconds'] / 60:.1f} min on {config['threads']} torch thread(s)."),
         "",
-        "Final = after all experts are folded; accuracy averaged over all tasks on the held-out **test** split, "
+        ("Final = after all experts are folded; accuracy averaged over all tasks on the held-out **test** split, "
         "mean ± sample std over runs. Normalized = merged / expert accuracy per task, averaged. "
         "Gap closed = (merged − probe) / (expert − probe) on the mean accuracies. "
-        "★ = hyper-parameter chosen on the **validation** split (final average accuracy).",
+        "★ = hyper-parameter chosen on the **validation** split (final average accuracy)."),
         "",
         "| method | final avg accuracy | normalized accuracy | gap closed | final avg accuracy (val) |",
         "| --- | --- | --- | --- | --- |",
@@ -164,9 +164,9 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         "## What explains it",
         "",
-        f"- Task vectors: norm {_pm(geometry['norm'], 2)} (base weights {_pm(geometry['base_norm'], 1)}); "
+        (f"- Task vectors: norm {_pm(geometry['norm'], 2)} (base weights {_pm(geometry['base_norm'], 1)}); "
         f"pairwise cosine {_pm(geometry['pairwise_cosine'])} "
-        f"(range {geometry['pairwise_cosine']['min']:.3f} … {geometry['pairwise_cosine']['max']:.3f}).",
+        f"(range {geometry['pairwise_cosine']['min']:.3f} … {geometry['pairwise_cosine']['max']:.3f})."),
     ]
     for label, row in summary["methods"].items():
         metrics = row["fold_metrics"]

@@ -27,7 +27,14 @@ from typing import Any
 import torch
 
 from bench.quality import report
-from bench.quality.folds import METHOD_GRID, EvalSet, MethodConfig, run_stream, save_backbone, task_vector_geometry
+from bench.quality.folds import (
+    METHOD_GRID,
+    EvalSet,
+    MethodConfig,
+    run_stream,
+    save_backbone,
+    task_vector_geometry,
+)
 from bench.quality.model import BackboneConfig
 from bench.quality.tasks import DEFAULT_TASKS, TASKS, load_splits
 from bench.quality.training import TrainingConfig, accuracy, finetune, pretrain, train_probe

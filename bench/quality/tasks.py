@@ -53,7 +53,7 @@ def load_splits(pretrain_fraction: float = 0.4) -> DigitSplits:
     train, rest = train_test_split(pool, train_size=0.5, stratify=y[pool].numpy(), random_state=SPLIT_SEED)
     val, test = train_test_split(rest, train_size=0.5, stratify=y[rest].numpy(), random_state=SPLIT_SEED)
 
-    def take(ix) -> Split:  # noqa: ANN001
+    def take(ix) -> Split:
         ix = torch.as_tensor(sorted(ix))
         return Split(x[ix].contiguous(), y[ix].contiguous())
 

@@ -7,7 +7,7 @@ Every random choice (initialisation, batches, augmentation) comes from a generat
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +18,7 @@ from bench.quality.tasks import Split, Task
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    backbone: BackboneConfig = BackboneConfig()
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
     pretrain_steps: int = 1500
     pretrain_lr: float = 2e-3
     probe_steps: int = 300

@@ -1,0 +1,127 @@
+"""The merge-quality benchmark in miniature: 2 tasks, a tiny ViT, every method, through the real engine."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # `bench` is run from the repository root, not installed
+    sys.path.insert(0, str(ROOT))
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+from bench.quality import run as quality
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("quality")
+    threads = torch.get_num_threads()
+    try:
+        results = quality.run(quality.MINI, out, workdir=out, threads=1)
+    finally:
+        torch.set_num_threads(threads)
+    return results, out
+
+
+def test_writes_json_table_and_plots(mini: tuple[dict, Path]) -> None:
+    results, out = mini
+    on_disk = json.loads((out / "quality.json").read_text())
+    assert on_disk["summary"]["chosen_on_validation"] == results["summary"]["chosen_on_validation"]
+    table = (out / "quality.md").read_text()
+    for label in ("expert (upper bound)", "linear probe (lower bound)", "opcm α=0.5", "average",
+                  "task_arithmetic λ=0.3", "ties", "magmax"):
+        assert f"| {label}" in table
+    for name in ("quality_accuracy.png", "quality_lambda.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the stream's checkpoints are temporary; nothing is left in the work folder but results
+    assert sorted(p.name for p in out.iterdir()) == ["quality.json", "quality.md", "quality_accuracy.png",
+                                                      "quality_lambda.png"]
+
+
+def test_experts_beat_their_probes(mini: tuple[dict, Path]) -> None:
+    results, _ = mini
+    for record in results["seeds"]:
+        for name, task in record["tasks"].items():
+            assert task["expert"]["val"] > task["probe"]["val"] + 0.05, name
+            assert task["expert"]["test"] > task["probe"]["test"] + 0.05, name
+
+
+def test_every_method_every_fold_every_seen_task(mini: tuple[dict, Path]) -> None:
+    results, _ = mini
+    config = quality.MINI
+    assert len(results["runs"]) == len(config.methods) * config.orders * len(config.seeds)
+    for run in results["runs"]:
+        assert [f["version"] for f in run["folds"]] == [1, 2]
+        order = results["config"]["orders"][run["order"]]
+        for t, fold in enumerate(run["folds"], start=1):
+            assert list(fold["accuracy"]) == order[:t]
+            for accuracy in fold["accuracy"].values():
+                assert 0.0 <= accuracy["val"] <= 1.0 and 0.0 <= accuracy["test"] <= 1.0
+            assert math.isclose(fold["average"]["test"],
+                                sum(a["test"] for a in fold["accuracy"].values()) / t)
+            assert fold["metrics"]["seconds"] >= 0.0
+
+
+def test_first_fold_of_opcm_is_the_first_expert(mini: tuple[dict, Path]) -> None:
+    results, _ = mini
+    record = results["seeds"][0]
+    for run in results["runs"]:
+        if run["method"] != "opcm":
+            continue
+        first = run["folds"][0]
+        assert first["metrics"]["lambda"] == 1.0
+        expert = record["tasks"][first["expert"]]["expert"]
+        for part in ("val", "test"):  # the same weights; only the evaluation batching differs
+            assert first["accuracy"][first["expert"]][part] == pytest.approx(expert[part], abs=0.01)
+
+
+def test_opcm_keeps_the_mean_expert_norm(mini: tuple[dict, Path]) -> None:
+    """DESIGN §4: after every OPCM fold the merged task vector's norm is the mean expert norm."""
+    results, _ = mini
+    norms = results["seeds"][0]["geometry"]["task_norms"]
+    for run in results["runs"]:
+        if run["method"] != "opcm":
+            continue
+        order = results["config"]["orders"][run["order"]]
+        for t, fold in enumerate(run["folds"], start=1):
+            metrics = fold["metrics"]
+            mean_norm = sum(norms[n] for n in order[:t]) / t
+            assert metrics["mean_expert_norm"] == pytest.approx(mean_norm, rel=1e-5)
+            assert metrics["merged_task_norm"] == pytest.approx(metrics["mean_expert_norm"], rel=1e-4)
+            assert metrics["expert_task_norm"] == pytest.approx(norms[fold["expert"]], rel=1e-5)
+        second = run["folds"][1]["metrics"]
+        assert 0.0 < second["removed_fraction"] < 1.0
+        # λ_2 = ‖τ_1 + τ̃_2‖ / mean(‖τ_1‖, ‖τ_2‖) ≤ 2 by the triangle inequality
+        assert 0.0 < second["lambda"] <= 2.0 + 1e-6
+
+
+def test_baselines_follow_their_definitions(mini: tuple[dict, Path]) -> None:
+    """Merged task-vector norms the baselines must produce from the experts' geometry."""
+    results, _ = mini
+    geometry = results["seeds"][0]["geometry"]
+    a, b = results["config"]["orders"][0]
+    na, nb = geometry["task_norms"][a], geometry["task_norms"][b]
+    cos = geometry["cosine"][a][b]
+    both = math.sqrt(na**2 + nb**2 + 2 * na * nb * cos)
+    finals = {run["label"]: run["folds"][-1]["metrics"]["merged_task_norm"] for run in results["runs"]}
+    assert finals["average"] == pytest.approx(both / 2, rel=1e-4)
+    for lam in (0.1, 0.3, 0.5):
+        assert finals[f"task_arithmetic λ={lam:g}"] == pytest.approx(lam * both, rel=1e-4)
+
+
+def test_table_ranks_bounds_and_chooses_on_validation(mini: tuple[dict, Path]) -> None:
+    results, _ = mini
+    summary = results["summary"]
+    assert summary["bounds"]["expert"]["final_test"]["mean"] > summary["bounds"]["probe"]["final_test"]["mean"]
+    chosen = summary["chosen_on_validation"]
+    assert set(chosen) == {"opcm", "average", "task_arithmetic", "ties", "magmax"}
+    opcm = {label: row for label, row in summary["methods"].items() if row["method"] == "opcm"}
+    assert chosen["opcm"] == max(opcm, key=lambda label: opcm[label]["final_val"]["mean"])

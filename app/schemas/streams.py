@@ -7,7 +7,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
-
 # Names are labels shown back to people: printable text only (PostgreSQL also refuses NUL in text).
 NAME_PATTERN = r"^[^\x00-\x1f\x7f]*$"
 

@@ -45,7 +45,7 @@ class HostileApi:
     headers: dict[str, str]
 
     @property
-    def runtime(self):  # noqa: ANN201
+    def runtime(self):
         return self.client.app.state.runtime
 
     @property

@@ -27,7 +27,7 @@ PARAMS = [
 ]
 
 
-def assert_error(response, status: int, code: str, message: str) -> None:  # noqa: ANN001
+def assert_error(response, status: int, code: str, message: str) -> None:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
@@ -46,7 +46,9 @@ def test_the_corpus_is_large_and_every_case_is_described() -> None:
 
 
 @pytest.mark.parametrize(("case", "target"), PARAMS)
-def test_hostile_upload_is_refused_and_changes_nothing(hostile_api: HostileApi, case: corpus.Case, target: str) -> None:
+def test_hostile_upload_is_refused_and_changes_nothing(
+    hostile_api: HostileApi, case: corpus.Case, target: str
+) -> None:
     api = hostile_api
     destination = api.targets[target]
     body = case.build(destination.valid)
@@ -105,7 +107,7 @@ def test_nothing_in_the_service_can_unpickle() -> None:
 
 
 @pytest.fixture
-def small_limits_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+def small_limits_api(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """An API whose limits come from the MERGELINE_* variables: a 4 KiB body and 1 KiB header."""
     url = f"sqlite:///{tmp_path / 'mergeline.db'}"
     upgrade(url)
@@ -121,11 +123,11 @@ def _stream(client: TestClient, headers: dict) -> str:
     return client.post("/v1/streams", json={"name": "limits"}, headers=headers).json()["id"]
 
 
-def test_body_and_header_limits_are_settings_and_answer_413(small_limits_api, tmp_path: Path) -> None:  # noqa: ANN001
+def test_body_and_header_limits_are_settings_and_answer_413(small_limits_api, tmp_path: Path) -> None:
     import torch
     from safetensors.torch import save
 
-    client, settings = small_limits_api
+    client, _settings = small_limits_api
     headers = {"Authorization": "Bearer tok-limits"}
     engine, store = client.app.state.runtime.db.engine, client.app.state.runtime.store
     small, _ = valid_uploads(tmp_path)
@@ -135,19 +137,33 @@ def test_body_and_header_limits_are_settings_and_answer_413(small_limits_api, tm
     stream_id = _stream(client, headers)
     before = stored_state(engine, store)
 
-    def chunked(data: bytes):  # noqa: ANN202 - a body without Content-Length
+    def chunked(data: bytes):
         for i in range(0, len(data), 1000):
             yield data[i : i + 1000]
 
     path = f"/v1/streams/{stream_id}/base"
     # The body limit: by Content-Length, by what the header declares on a chunked body, and by declaration alone.
     assert_error(client.put(path, content=big, headers=headers), 413, "upload_too_large", "at most 4096")
-    assert_error(client.put(path, content=chunked(big), headers=headers), 413, "upload_too_large", "at most 4096")
+    assert_error(
+        client.put(path, content=chunked(big), headers=headers), 413, "upload_too_large", "at most 4096"
+    )
     declared = {**headers, "Content-Length": str(10 * 1024**3)}
-    assert_error(client.put(path, content=small.raw, headers=declared), 413, "upload_too_large", "10737418240 bytes.*4096")
+    assert_error(
+        client.put(path, content=small.raw, headers=declared),
+        413,
+        "upload_too_large",
+        "10737418240 bytes.*4096",
+    )
     # The header limit.
-    assert_error(client.put(path, content=fat_header, headers=headers), 413, "header_too_large", "limit is 1024")
-    assert_error(client.put(path, content=chunked(fat_header), headers=headers), 413, "header_too_large", "limit is 1024")
+    assert_error(
+        client.put(path, content=fat_header, headers=headers), 413, "header_too_large", "limit is 1024"
+    )
+    assert_error(
+        client.put(path, content=chunked(fat_header), headers=headers),
+        413,
+        "header_too_large",
+        "limit is 1024",
+    )
     assert stored_state(engine, store) == before
     # Within both limits the same stream takes a base.
     assert client.put(path, content=small.raw, headers=headers).status_code == 201
@@ -155,21 +171,33 @@ def test_body_and_header_limits_are_settings_and_answer_413(small_limits_api, tm
 
 
 @pytest.mark.parametrize("name", ["../../../etc/passwd", "..\\..\\boot.ini", "/abs/path", "a/../../b"])
-def test_an_expert_name_with_path_separators_is_only_a_label(hostile_api: HostileApi, tmp_path: Path, name: str) -> None:
+def test_an_expert_name_with_path_separators_is_only_a_label(
+    hostile_api: HostileApi, tmp_path: Path, name: str
+) -> None:
     """The name is a label: object keys are built from generated ids, so nothing lands outside the stream's folder."""
     import torch
     from safetensors.torch import load, save
 
     api = hostile_api
     stream_id = api.client.post("/v1/streams", json={"name": "labels"}, headers=api.headers).json()["id"]
-    assert api.client.put(f"/v1/streams/{stream_id}/base", content=api.valid_base.raw, headers=api.headers).status_code == 201
+    assert (
+        api.client.put(
+            f"/v1/streams/{stream_id}/base", content=api.valid_base.raw, headers=api.headers
+        ).status_code
+        == 201
+    )
     tensors = load(api.valid_expert.raw)
     tensors["norm.weight"] = tensors["norm.weight"] + torch.rand(1).item()  # new bytes for every name
-    r = api.client.post(f"/v1/streams/{stream_id}/experts", params={"name": name}, content=save(tensors), headers=api.headers)
+    r = api.client.post(
+        f"/v1/streams/{stream_id}/experts", params={"name": name}, content=save(tensors), headers=api.headers
+    )
     assert r.status_code == 202, r.text
     assert r.json()["expert"]["name"] == name
     keys = api.runtime.store.list_keys(f"streams/{stream_id}/")
-    assert keys == [f"streams/{stream_id}/base.safetensors", f"streams/{stream_id}/experts/{r.json()['expert']['id']}.safetensors"]
+    assert keys == [
+        f"streams/{stream_id}/base.safetensors",
+        f"streams/{stream_id}/experts/{r.json()['expert']['id']}.safetensors",
+    ]
     assert re.fullmatch(r"[0-9a-f]{32}", r.json()["expert"]["id"])
     store_root = Path(api.settings.store_path).resolve()
     assert all(p.resolve().is_relative_to(store_root) for p in store_root.rglob("*"))

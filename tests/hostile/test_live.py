@@ -21,10 +21,14 @@ from tests.hostile.state import stored_state
 TOKEN = "tok-live-alice"
 
 
-def raw_request(url: str, method: str, path: str, headers: dict[str, str], body: bytes, timeout: float = 20) -> tuple[int, dict]:
+def raw_request(
+    url: str, method: str, path: str, headers: dict[str, str], body: bytes, timeout: float = 20
+) -> tuple[int, dict]:
     """Send a request whose Content-Length may lie, and read the answer without waiting for the rest."""
     parsed = urlparse(url)
-    head = f"{method} {path} HTTP/1.1\r\nHost: {parsed.netloc}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    head = f"{method} {path} HTTP/1.1\r\nHost: {parsed.netloc}\r\n" + "".join(
+        f"{k}: {v}\r\n" for k, v in headers.items()
+    )
     with socket.create_connection((parsed.hostname, parsed.port), timeout=timeout) as sock:
         sock.sendall(head.encode() + b"\r\n" + body)
         data = b""
@@ -43,7 +47,7 @@ def _length(data: bytes) -> int:
 
 
 @pytest.fixture
-def live(tmp_path: Path, distributed_env: dict[str, str], s3_server: str, pg_url: str, start_api):  # noqa: ANN001, ANN201
+def live(tmp_path: Path, distributed_env: dict[str, str], s3_server: str, pg_url: str, start_api):
     bucket = unique("mlhostile-")
     store = S3Store(bucket=bucket, endpoint_url=s3_server, access_key_id=S3_KEY, secret_access_key=S3_SECRET)
     store.ensure_bucket()
@@ -55,7 +59,7 @@ def live(tmp_path: Path, distributed_env: dict[str, str], s3_server: str, pg_url
     engine.dispose()
 
 
-def test_the_corpus_against_uvicorn_postgres_and_s3(live, tmp_path: Path, start_api) -> None:  # noqa: ANN001
+def test_the_corpus_against_uvicorn_postgres_and_s3(live, tmp_path: Path, start_api) -> None:
     url, engine, store, spool = live
     headers = {"Authorization": f"Bearer {TOKEN}"}
     base, expert = valid_uploads(tmp_path)
@@ -63,7 +67,10 @@ def test_the_corpus_against_uvicorn_postgres_and_s3(live, tmp_path: Path, start_
     blank = client.post("/v1/streams", json={"name": "blank"}).json()["id"]
     with_base = client.post("/v1/streams", json={"name": "with-base"}).json()["id"]
     assert client.put(f"/v1/streams/{with_base}/base", content=base.raw).status_code == 201
-    targets = {"base": ("PUT", f"/v1/streams/{blank}/base", base), "expert": ("POST", f"/v1/streams/{with_base}/experts", expert)}
+    targets = {
+        "base": ("PUT", f"/v1/streams/{blank}/base", base),
+        "expert": ("POST", f"/v1/streams/{with_base}/experts", expert),
+    }
 
     before = stored_state(engine, store, spool)
     failures = []
@@ -73,9 +80,15 @@ def test_the_corpus_against_uvicorn_postgres_and_s3(live, tmp_path: Path, start_
             if expect is None:
                 continue
             r = client.request(method, path, content=case.build(valid))
-            error = r.json().get("error", {}) if r.headers.get("content-type", "").startswith("application/json") else {}
+            error = (
+                r.json().get("error", {})
+                if r.headers.get("content-type", "").startswith("application/json")
+                else {}
+            )
             status, code, message = expect
-            if (r.status_code, error.get("code")) != (status, code) or not re.search(message, error.get("message", ""), re.I):
+            if (r.status_code, error.get("code")) != (status, code) or not re.search(
+                message, error.get("message", ""), re.IGNORECASE
+            ):
                 failures.append((target, case.name, r.status_code, r.text[:200]))
     assert failures == []
     assert stored_state(engine, store, spool) == before

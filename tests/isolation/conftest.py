@@ -75,5 +75,8 @@ def two_tenants(tmp_path_factory: pytest.TempPathFactory, module_pg_url: str) ->
         headers = {"Authorization": f"Bearer {ALICE}"}
         stream_id = client.post("/v1/streams", json={"name": "alice's"}, headers=headers).json()["id"]
         assert client.put(f"/v1/streams/{stream_id}/base", content=base, headers=headers).status_code == 201
-        assert client.post(f"/v1/streams/{stream_id}/experts", content=expert, headers=headers).status_code == 202
+        assert (
+            client.post(f"/v1/streams/{stream_id}/experts", content=expert, headers=headers).status_code
+            == 202
+        )
         yield TwoTenants(app=app, client=client, stream_id=stream_id, base=base, expert=expert, tmp=tmp)

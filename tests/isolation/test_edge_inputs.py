@@ -20,17 +20,32 @@ CASES = [
     ("GET", "/v1/streams/" + "f" * 5000, {}, 404, "not_found"),
     ("POST", "/v1/streams", {"json": {"name": "a\x00b"}}, 422, "invalid_request"),
     ("POST", "/v1/streams", {"json": {"name": "line\nbreak"}}, 422, "invalid_request"),
-    ("POST", "/v1/streams", {"content": b"\xff\xfe", "headers": {"content-type": "application/json"}}, 422, "invalid_request"),
-    ("POST", "/v1/streams", {"content": b"name=x", "headers": {"content-type": "application/x-www-form-urlencoded"}},
-     422, "invalid_request"),
+    (
+        "POST",
+        "/v1/streams",
+        {"content": b"\xff\xfe", "headers": {"content-type": "application/json"}},
+        422,
+        "invalid_request",
+    ),
+    (
+        "POST",
+        "/v1/streams",
+        {"content": b"name=x", "headers": {"content-type": "application/x-www-form-urlencoded"}},
+        422,
+        "invalid_request",
+    ),
     ("POST", "/v1/streams", {"json": {"name": "ok", "params": {"alpha": 10**400}}}, 422, "invalid_params"),
     ("POST", "/v1/streams", {"json": {"name": "ok", "method": "\x00"}}, 422, "invalid_method"),
     ("POST", f"/v1/streams/{S}/experts?name=a%00b", {"content": b"x"}, 422, "invalid_request"),
 ]
 
 
-@pytest.mark.parametrize(("method", "path", "kwargs", "status", "code"), CASES, ids=[f"{m} {p[:60]}" for m, p, *_ in CASES])
-def test_edge_input_is_a_clear_4xx(two_tenants: TwoTenants, method: str, path: str, kwargs: dict, status: int, code: str) -> None:
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status", "code"), CASES, ids=[f"{m} {p[:60]}" for m, p, *_ in CASES]
+)
+def test_edge_input_is_a_clear_4xx(
+    two_tenants: TwoTenants, method: str, path: str, kwargs: dict, status: int, code: str
+) -> None:
     kwargs = {**kwargs, "headers": {**two_tenants.headers(), **kwargs.get("headers", {})}}
     r = two_tenants.client.request(method, path.replace(S, two_tenants.stream_id), **kwargs)
     assert r.status_code == status, r.text

@@ -47,7 +47,7 @@ def test_no_input_makes_a_server_error_or_breaks_the_schema(two_tenants: TwoTena
         @given(case=strategy, data=st.data())
         @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
                   database=None)  # fmt: skip
-        def fuzz(case, data) -> None:  # noqa: ANN001
+        def fuzz(case, data) -> None:
             nonlocal calls
             if time.monotonic() > deadline:
                 return
@@ -57,7 +57,11 @@ def test_no_input_makes_a_server_error_or_breaks_the_schema(two_tenants: TwoTena
                 params["stream_id"] = data.draw(st.sampled_from([params["stream_id"], two_tenants.stream_id]))
             if params and "number" in params:
                 params["number"] = data.draw(
-                    st.one_of(st.just(params["number"]), st.integers().map(str), st.sampled_from(["0", "1", "latest"]))
+                    st.one_of(
+                        st.just(params["number"]),
+                        st.integers().map(str),
+                        st.sampled_from(["0", "1", "latest"]),
+                    )
                 )
             calls += 1
             case.call_and_validate(headers={"Authorization": f"Bearer {ALICE}"}, checks=CHECKS)

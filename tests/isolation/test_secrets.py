@@ -16,7 +16,18 @@ from app.core.config import Settings
 from app.main import create_app
 from app.storage.s3 import S3Store
 from tests.checkpoints import make_base, make_expert
-from tests.conftest import PG_ADMIN_URL, PYTHON, REDIS_URL, ROOT, S3_KEY, S3_SECRET, ServiceProcess, free_port, unique, wait_until
+from tests.conftest import (
+    PG_ADMIN_URL,
+    PYTHON,
+    REDIS_URL,
+    ROOT,
+    S3_KEY,
+    S3_SECRET,
+    ServiceProcess,
+    free_port,
+    unique,
+    wait_until,
+)
 from tests.inprocess_api import RecordingQueue
 
 PRESIGN_SECONDS = 2
@@ -29,7 +40,9 @@ def _bucket(s3_server: str) -> S3Store:
     return store
 
 
-def test_a_downloads_presigned_url_works_then_expires(tmp_path: Path, sqlite_url: str, s3_server: str) -> None:
+def test_a_downloads_presigned_url_works_then_expires(
+    tmp_path: Path, sqlite_url: str, s3_server: str
+) -> None:
     """Through the API on a real S3 server (SeaweedFS): the 307's URL works at once and is refused after its lifetime."""
     store = _bucket(s3_server)
     settings = Settings(
@@ -44,7 +57,9 @@ def test_a_downloads_presigned_url_works_then_expires(tmp_path: Path, sqlite_url
         client.app.state.runtime.queue = RecordingQueue()
         stream_id = client.post("/v1/streams", json={"name": "p"}, headers=headers).json()["id"]
         assert client.put(f"/v1/streams/{stream_id}/base", content=base, headers=headers).status_code == 201
-        r = client.get(f"/v1/streams/{stream_id}/versions/0/download", headers=headers, follow_redirects=False)
+        r = client.get(
+            f"/v1/streams/{stream_id}/versions/0/download", headers=headers, follow_redirects=False
+        )
     assert r.status_code == 307
     url = r.headers["location"]
     signed = parse_qs(urlparse(url).query)
@@ -58,7 +73,9 @@ def test_a_downloads_presigned_url_works_then_expires(tmp_path: Path, sqlite_url
     assert b"expired" in expired.content.lower() or b"AccessDenied" in expired.content
 
 
-def test_tokens_are_never_logged_nor_stored_in_clear(tmp_path: Path, pg_url: str, redis_queue: str, s3_server: str) -> None:
+def test_tokens_are_never_logged_nor_stored_in_clear(
+    tmp_path: Path, pg_url: str, redis_queue: str, s3_server: str
+) -> None:
     """A whole request flow on uvicorn (access log on, DEBUG) + PostgreSQL + Redis + S3, good and bad tokens."""
     from tests.conftest import settings_env
 
@@ -88,8 +105,18 @@ def test_tokens_are_never_logged_nor_stored_in_clear(tmp_path: Path, pg_url: str
         make_expert(tensors, tmp_path / "e.safetensors", seed=1)
         a = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {alice}"}, timeout=30)
         stream_id = a.post("/v1/streams", json={"name": "flow"}).json()["id"]
-        assert a.put(f"/v1/streams/{stream_id}/base", content=(tmp_path / "b.safetensors").read_bytes()).status_code == 201
-        assert a.post(f"/v1/streams/{stream_id}/experts", content=(tmp_path / "e.safetensors").read_bytes()).status_code == 202
+        assert (
+            a.put(
+                f"/v1/streams/{stream_id}/base", content=(tmp_path / "b.safetensors").read_bytes()
+            ).status_code
+            == 201
+        )
+        assert (
+            a.post(
+                f"/v1/streams/{stream_id}/experts", content=(tmp_path / "e.safetensors").read_bytes()
+            ).status_code
+            == 202
+        )
         assert a.put(f"/v1/streams/{stream_id}/base", content=b"junk").status_code == 409
         assert a.post(f"/v1/streams/{stream_id}/experts", content=b"not safetensors").status_code == 400
         assert a.get(f"/v1/streams/{stream_id}/versions/latest").status_code == 200
@@ -99,7 +126,10 @@ def test_tokens_are_never_logged_nor_stored_in_clear(tmp_path: Path, pg_url: str
             r = httpx.get(f"{url}/v1/streams/{stream_id}", headers={"Authorization": f"Bearer {token}"})
             assert r.status_code == status
         assert httpx.get(f"{url}/v1/streams", headers={"Authorization": f"Basic {wrong}"}).status_code == 401
-        assert httpx.get(f"{url}/v1/streams", headers={"Authorization": f"Bearer {alice} {wrong}"}).status_code == 401
+        assert (
+            httpx.get(f"{url}/v1/streams", headers={"Authorization": f"Bearer {alice} {wrong}"}).status_code
+            == 401
+        )
     finally:
         server.stop()
     log = (tmp_path / "api.log").read_text(errors="replace")

@@ -25,7 +25,7 @@ BAD_AUTHORIZATION = {
 }
 
 
-def _walk(routes, prefix: str = ""):  # noqa: ANN001, ANN202
+def _walk(routes, prefix: str = ""):
     for route in routes:
         included = getattr(route, "original_router", None)  # FastAPI >= 0.16x keeps included routers whole
         if included is not None:
@@ -37,7 +37,7 @@ def _walk(routes, prefix: str = ""):  # noqa: ANN001, ANN202
             raise AssertionError(f"cannot walk route {route!r}: teach this test about {type(route).__name__}")
 
 
-def endpoints(app) -> list[tuple[str, str]]:  # noqa: ANN001
+def endpoints(app) -> list[tuple[str, str]]:
     """(method, path template) of every route the app serves."""
     return sorted((m, path) for path, methods in _walk(app.routes) for m in methods - {"HEAD", "OPTIONS"})
 
@@ -49,14 +49,14 @@ def fill(path: str, stream_id: str) -> str:
     return path.format(**values)
 
 
-def call(two_tenants: TwoTenants, method: str, path: str, authorization: str | bytes | None):  # noqa: ANN201
+def call(two_tenants: TwoTenants, method: str, path: str, authorization: str | bytes | None):
     headers = {"Authorization": authorization} if authorization is not None else {}
     body = two_tenants.expert if method in ("PUT", "POST") and not path.endswith("/v1/streams") else None
     json = {"name": "mallory"} if method == "POST" and path.endswith("/v1/streams") else None
     return two_tenants.client.request(method, path, headers=headers, content=body, json=json)
 
 
-def assert_error_shape(response, status: int, code: str) -> None:  # noqa: ANN001
+def assert_error_shape(response, status: int, code: str) -> None:
     assert response.status_code == status, response.text
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
@@ -65,10 +65,17 @@ def assert_error_shape(response, status: int, code: str) -> None:  # noqa: ANN00
 
 def test_the_route_walk_sees_every_endpoint(two_tenants: TwoTenants) -> None:
     walked = endpoints(two_tenants.app)
-    documented = {(m.upper(), p) for p, ops in two_tenants.client.get("/openapi.json").json()["paths"].items() for m in ops}
+    documented = {
+        (m.upper(), p)
+        for p, ops in two_tenants.client.get("/openapi.json").json()["paths"].items()
+        for m in ops
+    }
     assert documented <= set(walked)
     assert len(walked) >= 16
-    assert {path for _, path in walked} >= {"/v1/streams", "/v1/streams/{stream_id}/versions/{number}/download"}
+    assert {path for _, path in walked} >= {
+        "/v1/streams",
+        "/v1/streams/{stream_id}/versions/{number}/download",
+    }
     assert {path for _, path in walked} - PUBLIC, "every other route needs a token"
 
 
@@ -84,7 +91,9 @@ def test_every_non_public_endpoint_answers_401_to_a_bad_token(two_tenants: TwoTe
         assert r.headers.get("www-authenticate") == "Bearer", (method, template)
         checked += 1
     assert checked >= 10
-    assert stored_state(two_tenants.app.state.runtime.db.engine, two_tenants.app.state.runtime.store) == before
+    assert (
+        stored_state(two_tenants.app.state.runtime.db.engine, two_tenants.app.state.runtime.store) == before
+    )
 
 
 def test_public_endpoints_answer_without_a_token(two_tenants: TwoTenants) -> None:
@@ -104,14 +113,22 @@ def test_another_tenants_token_gets_404_everywhere_and_changes_nothing(two_tenan
         assert_error_shape(r, 404, "not_found")
         # Indistinguishable from a stream that does not exist.
         missing = call(two_tenants, method, fill(template, "0" * 32), f"Bearer {BOB}")
-        assert r.json()["error"]["message"].replace(two_tenants.stream_id, "0" * 32) == missing.json()["error"]["message"]
+        assert (
+            r.json()["error"]["message"].replace(two_tenants.stream_id, "0" * 32)
+            == missing.json()["error"]["message"]
+        )
         checked += 1
     assert checked >= 8
     assert stored_state(runtime.db.engine, runtime.store) == before
     # Bob's list shows none of Alice's streams; Alice still sees hers.
     listed = two_tenants.client.get("/v1/streams", headers=two_tenants.headers(BOB)).json()["streams"]
     assert two_tenants.stream_id not in {s["id"] for s in listed}
-    assert two_tenants.client.get(f"/v1/streams/{two_tenants.stream_id}", headers=two_tenants.headers()).status_code == 200
+    assert (
+        two_tenants.client.get(
+            f"/v1/streams/{two_tenants.stream_id}", headers=two_tenants.headers()
+        ).status_code
+        == 200
+    )
 
 
 def test_the_schema_declares_the_bearer_scheme_on_every_non_public_operation(two_tenants: TwoTenants) -> None:

@@ -215,15 +215,28 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> None:
         for kind, style in (("expert", ":"), ("probe", "--")):
             _line(ax, summary["bounds"][kind]["curve_test"], f"{kind} ({'upper' if kind == 'expert' else 'lower'} bound)",
                   "black" if kind == "expert" else "grey", False, linestyle=style, marker="")
+    # The frame follows the bounds; a method that collapses far below the probe is drawn off the
+    # bottom (and says so) rather than squeezing every other line into a sliver.
+    probe_low = min(c["mean"] for c in summary["bounds"]["probe"]["curve_test"])
+    top = max(c["mean"] for c in summary["bounds"]["expert"]["curve_test"])
+    means = [c["mean"] for row in summary["methods"].values() for c in row["curve_test"]]
+    bottom = max(min(means), probe_low - 0.2)
+
+    def name(label: str) -> str:
+        low = min(c["mean"] for c in summary["methods"][label]["curve_test"])
+        return label + (f" (down to {low:.2f}, off the frame)" if low < bottom else "")
+
     for family, label in chosen.items():
         row = summary["methods"][label]
-        _line(axes[0], row["curve_test"], label if row["swept"] else family, _COLORS.get(family, "black"), True)
+        _line(axes[0], row["curve_test"], name(label), _COLORS.get(family, "black"), True)
     styles = ["-", "--", "-."]
     for family in chosen:
         labels = [label for label, row in summary["methods"].items() if row["method"] == family]
         for index, label in enumerate(labels):
-            _line(axes[1], summary["methods"][label]["curve_test"], label, _COLORS.get(family, "black"), False,
+            _line(axes[1], summary["methods"][label]["curve_test"], name(label), _COLORS.get(family, "black"), False,
                   linestyle=styles[index % len(styles)])
+    for ax in axes:
+        ax.set_ylim(bottom - 0.02, min(top + 0.03, 1.0))
     runs = len({(r["seed"], r["order"]) for r in results["runs"]})
     axes[0].set_title(f"hyper-parameters chosen on validation (band: ±1 std over {runs} runs)")
     axes[1].set_title("every setting")

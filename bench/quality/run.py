@@ -197,12 +197,17 @@ def run(config: BenchConfig, out: Path, workdir: Path | None = None, threads: in
     results["summary"] = report.summarize(results, config.methods)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality.json").write_text(json.dumps(results, indent=1, sort_keys=False) + "\n")
+    write_reports(results, out)
+    return results
+
+
+def write_reports(results: dict[str, Any], out: Path) -> None:
+    """The table (printed and written) and both plots, from a results dict."""
     table = report.markdown(results)
     (out / "quality.md").write_text(table)
     report.plot_accuracy(results, out / "quality_accuracy.png")
     report.plot_lambda(results, out / "quality_lambda.png")
     print(table)
-    return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -211,7 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where results are written")
     parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints go while running (temporary)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 keeps runs deterministic)")
+    parser.add_argument("--replot", action="store_true",
+                        help="rewrite the table and plots from --out's quality.json without rerunning anything")
     args = parser.parse_args(argv)
+    if args.replot:
+        write_reports(json.loads((args.out / "quality.json").read_text()), args.out)
+        return
     run(MINI if args.mini else FULL, args.out, args.workdir, args.threads)
 
 

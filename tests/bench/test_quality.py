@@ -125,3 +125,13 @@ def test_table_ranks_bounds_and_chooses_on_validation(mini: tuple[dict, Path]) -
     assert set(chosen) == {"opcm", "average", "task_arithmetic", "ties", "magmax"}
     opcm = {label: row for label, row in summary["methods"].items() if row["method"] == "opcm"}
     assert chosen["opcm"] == max(opcm, key=lambda label: opcm[label]["final_val"]["mean"])
+
+
+def test_replot_rewrites_table_and_plots_from_the_json(mini: tuple[dict, Path]) -> None:
+    _, out = mini
+    table = (out / "quality.md").read_text()
+    (out / "quality.md").unlink()
+    (out / "quality_lambda.png").unlink()
+    quality.main(["--replot", "--out", str(out)])
+    assert (out / "quality.md").read_text() == table
+    assert (out / "quality_lambda.png").read_bytes()[:4] == b"\x89PNG"

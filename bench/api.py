@@ -172,7 +172,12 @@ def main() -> None:
     parser.add_argument("--upload-gb", type=float, default=1.0)
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--duration", type=float, default=10.0)
-    parser.add_argument("--rate-per-client", type=float, default=5.0, help="open-loop rate of each client (req/s)")
+    parser.add_argument(
+        "--rates-per-client",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[1.0, 2.0, 4.0],
+        help="open-loop rates of each client (req/s), comma-separated",
+    )
     parser.add_argument("--no-tmpfs", action="store_true", help="skip the upload run with the data folder on tmpfs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "api.json")
     args = parser.parse_args()
@@ -211,7 +216,7 @@ def main() -> None:
         path = f"/v1/streams/{sid}/versions/latest"
         load(url, path, args.clients, 2, None)  # warm-up
         closed = load(url, path, args.clients, args.duration, None)
-        opened = load(url, path, args.clients, args.duration, args.rate_per_client)
+        opened = [load(url, path, args.clients, args.duration, rate) for rate in args.rates_per_client]
 
         big = work / "big"
         big.mkdir()
@@ -253,7 +258,12 @@ def main() -> None:
         "mode": "embedded defaults (mergeline serve: SQLite, local folder, embedded worker), loopback",
         "upload": upload,
         "upload_data_dir_on_tmpfs": upload_tmpfs,
-        "latest_latency": {"closed_loop": closed, "open_loop": opened},
+        "latest_latency": {
+            "note": "closed loop: 100 clients each send the next request as soon as the answer arrives "
+            "(saturation: latency = clients / throughput); open loop: 100 clients each at a fixed rate, random phase",
+            "closed_loop": closed,
+            "open_loop": opened,
+        },
         "targets": {"upload_gb_per_s": 1.0, "latest_p99_ms": 25},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

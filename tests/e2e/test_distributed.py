@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import boto3
+import httpx
 
 from tests.conftest import S3_KEY, S3_SECRET
 from tests.e2e.flow import run_flow
@@ -15,6 +16,10 @@ def test_distributed_folds_three_experts_like_the_offline_merge(
 ) -> None:
     start_worker(distributed_env)
     url = start_api(distributed_env)
+
+    health = httpx.get(f"{url}/healthz", timeout=30)
+    assert health.status_code == 200, health.text
+    assert all(check["ok"] for check in health.json()["checks"].values())
 
     result = run_flow(url, tmp_path, token="tok-alice", expect_redirect=True)
 

@@ -24,6 +24,20 @@ def _mount_merging_commands() -> None:
         app.registered_commands.append(command)
 
 
+def _settings():  # noqa: ANN202
+    """The validated settings, or a readable message and exit status 2 (not a traceback)."""
+    from pydantic import ValidationError
+
+    from app.core.config import get_settings
+
+    try:
+        return get_settings()
+    except ValidationError as exc:
+        for err in exc.errors():
+            typer.echo(f"mergeline: invalid settings: {err['msg']}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -34,7 +48,7 @@ def migrate() -> None:
     from app.core.config import get_settings
     from app.core.migrate import upgrade
 
-    settings = get_settings()
+    settings = _settings()
     _configure_logging(settings.log_level)
     upgrade(settings.database_url)
     typer.echo("database is at the latest schema")
@@ -48,7 +62,7 @@ def worker(
     """Run a Celery fold worker."""
     from app.core.config import get_settings
 
-    settings = get_settings()
+    settings = _settings()
     from workers.celery_app import celery_app
 
     celery_app.worker_main(
@@ -82,7 +96,7 @@ def serve() -> None:
     from app.core.config import get_settings, is_loopback
     from app.core.migrate import upgrade
 
-    settings = get_settings()
+    settings = _settings()
     _configure_logging(settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)

@@ -473,7 +473,7 @@ def fold_checkpoint(
         tracker = _Progress(progress, phases, totals)
         _check_finite(expert_ck, tracker)
 
-        lineage = dict(lineage or {})
+        lineage = {key: value for key, value in (lineage or {}).items() if value is not None}
         lineage.setdefault("parent_sha256", stio.file_sha256(previous if previous is not None else base))
         lineage.setdefault("expert_sha256", stio.file_sha256(expert))
         metadata = {

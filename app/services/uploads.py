@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import warnings
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ from app.services.queue import FoldQueue, fold_after_commit
 from app.storage import ObjectStore, base_key, expert_key
 
 log = logging.getLogger(__name__)
+
+# Received chunks are read-only bytes, viewed (never written) as tensors by FiniteScan.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
 # Bytes handed to the writer thread at a time: large enough to amortize the thread hop,
 # small enough that an upload holds at most two blocks in memory.
@@ -114,11 +118,26 @@ class FiniteScan:
             )
 
 
-def _write_block(out: BinaryIO, hasher: Any, scan: FiniteScan, pos: int, block: bytearray) -> None:
-    # hashlib, torch and file writes release the GIL: this overlaps with receiving the next block.
-    scan.feed(pos, block)
-    hasher.update(block)
-    out.write(block)
+def _hash_chunks(hasher: Any, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        hasher.update(chunk)
+
+
+def _store_chunks(out: BinaryIO, scan: FiniteScan, pos: int, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        scan.feed(pos, chunk)
+        pos += len(chunk)
+    out.writelines(chunks)
+
+
+def _process_block(out: BinaryIO, hasher: Any, scan: FiniteScan, pos: int, chunks: list[bytes]) -> Any:
+    """Hash, and scan + write, one block's chunks in two threads at once (all three release the GIL).
+
+    The chunks are handed over as received, never joined: joining would copy every byte once more.
+    """
+    return asyncio.gather(
+        asyncio.to_thread(_hash_chunks, hasher, chunks), asyncio.to_thread(_store_chunks, out, scan, pos, chunks)
+    )
 
 
 async def spool_checkpoint(
@@ -194,7 +213,8 @@ async def spool_checkpoint(
     scan = FiniteScan(header, 8 + header_len)
     pending: asyncio.Future | None = None
     try:
-        block, block_pos = buf, 0
+        block: list[bytes] = [bytes(buf)]
+        block_pos, block_size = 0, len(buf)
         async for chunk in iterator:
             received += len(chunk)
             if received > expected:
@@ -202,13 +222,14 @@ async def spool_checkpoint(
                     f"the body is longer than the {expected} bytes its safetensors header declares",
                     code="trailing_data",
                 )
-            block += chunk
-            if len(block) >= BLOCK_BYTES:
+            block.append(chunk)
+            block_size += len(chunk)
+            if block_size >= BLOCK_BYTES:
                 if pending is not None:
                     await pending
-                pending = asyncio.ensure_future(asyncio.to_thread(_write_block, out, hasher, scan, block_pos, block))
-                block_pos += len(block)
-                block = bytearray()
+                pending = _process_block(out, hasher, scan, block_pos, block)
+                block_pos += block_size
+                block, block_size = [], 0
         if pending is not None:
             await pending
             pending = None
@@ -218,7 +239,7 @@ async def spool_checkpoint(
                 code="truncated",
             )
         if block:
-            await asyncio.to_thread(_write_block, out, hasher, scan, block_pos, block)
+            await _process_block(out, hasher, scan, block_pos, block)
         out.close()
     except BaseException:
         if pending is not None:

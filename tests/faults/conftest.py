@@ -258,7 +258,7 @@ def fault_settings(tmp: Path, **overrides: object) -> dict[str, object]:
         "embedded_worker": "false",
         "tokens": f"{TOKEN}=alice",
         "device": "cpu",
-        "fold_lease_seconds": 4,
+        "fold_lease_seconds": 6,
         "broker_visibility_timeout": 10,
         "fold_min_seconds": 0,
         "store": "s3",

@@ -46,7 +46,7 @@ def _undisturbed_chain(tmp: Path, base: Path, experts: list[Path], stream_id: st
 
 @pytest.mark.slow
 def test_worker_killed_mid_fold_is_redone_once_with_identical_bytes(
-    tmp_path: Path, cluster_factory, pg_url: str, s3_server: str, s3_bucket: str
+    tmp_path: Path, pg_url: str, s3_server: str, s3_bucket: str, cluster_factory
 ) -> None:
     trials = size(3, 20)
     rng = random.Random(20250)

@@ -33,7 +33,7 @@ def _expert_key(cluster, stream_id: str, number: int) -> str:  # noqa: ANN001
 
 
 def test_failed_fold_stops_the_stream_until_retried_or_skipped(
-    tmp_path: Path, cluster_factory, pg_url: str, s3_server: str, s3_bucket: str
+    tmp_path: Path, pg_url: str, s3_server: str, s3_bucket: str, cluster_factory
 ) -> None:
     c = cluster_factory(database_url=pg_url, s3_endpoint_url=s3_server, s3_bucket=s3_bucket)
     c.start_api()

@@ -174,7 +174,8 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         wait_until(ready, 60, 0.5, "SeaweedFS S3")
         yield endpoint
     finally:
-        stop_process(proc)
+        # weed takes its time over SIGTERM; its data is throwaway, so do not wait long.
+        stop_process(proc, timeout=3)
         log.close()
 
 

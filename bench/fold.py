@@ -213,6 +213,12 @@ def run_naive(paths: dict[str, Path], device: str, out: Path) -> dict:
 
 def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.impl == "baseline":  # the interpreter with torch and app.merging loaded, nothing folded
+        import app.merging  # noqa: F401
+
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps({"seconds": 0.0, "peak_rss_mb": peak_kib / 1024, "lambda": 0.0}))
+        return
     paths = generate(args.model, args.seed, args.device)
     out = CACHE / f"out-{args.impl}-{os.getpid()}.safetensors"
     start = time.perf_counter()
@@ -315,7 +321,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--svd-alternatives", action="store_true", help="also time decomposition alternatives")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--impl", choices=["engine", "naive"], default="engine")
+    parser.add_argument("--impl", choices=["engine", "naive", "baseline"], default="engine")
     args = parser.parse_args()
     if args.mode == "_child":
         args.model = args.model[0]
@@ -339,6 +345,8 @@ def main() -> None:
                 "naive = whole models in memory + full-bases SVD",
         "models": {},
     }
+    baseline = measure("baseline", models[0], 1, args.device, args.seed, args.threads)
+    report["baseline_rss_mb"] = baseline.get("peak_rss_mb")
     for model in models:
         print(f"generating {model} ...", flush=True)
         paths = generate(model, args.seed, args.device)
@@ -352,6 +360,10 @@ def main() -> None:
             if "seconds" in entry["naive"] and "seconds" in entry["engine"]:
                 entry["speedup"] = entry["naive"]["seconds"] / entry["engine"]["seconds"]
                 entry["rss_ratio"] = entry["engine"]["peak_rss_mb"] / entry["naive"]["peak_rss_mb"]
+                if report["baseline_rss_mb"]:
+                    # what the fold itself adds over a process that has imported torch
+                    b = report["baseline_rss_mb"]
+                    entry["rss_ratio_above_baseline"] = (entry["engine"]["peak_rss_mb"] - b) / (entry["naive"]["peak_rss_mb"] - b)
                 entry["lambda_rel_diff"] = abs(entry["naive"]["lambda"] - entry["engine"]["lambda"]) / entry["naive"]["lambda"]
         report["models"][model] = entry
     if args.svd_alternatives:
@@ -359,6 +371,7 @@ def main() -> None:
         report["svd_alternatives"] = svd_alternatives(args.quick)
 
     print()
+    print(f"baseline RSS (python + torch + app.merging, nothing folded): {report['baseline_rss_mb']:.0f} MB")
     print(f"{'model':10s} {'params':>8s} {'engine s':>9s} {'engine MB':>10s} {'naive s':>9s} {'naive MB':>9s} {'speedup':>8s} {'RSS ratio':>9s}")
     for model, e in report["models"].items():
         n = e.get("naive", {})

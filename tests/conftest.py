@@ -16,6 +16,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -65,30 +66,35 @@ def stop_process(proc: subprocess.Popen, timeout: float = 15) -> None:
 # --- PostgreSQL --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh PostgreSQL database built by the Alembic migrations; dropped afterwards."""
+@contextmanager
+def migrated_postgres_database(prefix: str) -> Iterator[str]:
+    """Create a uniquely named PostgreSQL database, build it with the migrations, drop it after."""
     import psycopg
 
+    from app.core import db as core_db
     from app.core.migrate import upgrade
 
-    name = unique("mltest_")
+    name = unique(prefix)
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    url = f"{base}/{name}"
-    upgrade(url)
+    url = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
     try:
+        upgrade(url)
         yield url
     finally:
-        from app.core import db as core_db
-
         for key, database in list(core_db._databases.items()):
             if key[1] == url:
                 database.dispose()
                 core_db._databases.pop(key, None)
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database built by the Alembic migrations; dropped afterwards."""
+    with migrated_postgres_database("mltest_") as url:
+        yield url
 
 
 @pytest.fixture

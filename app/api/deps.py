@@ -44,13 +44,8 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 def get_session(runtime: RuntimeDep) -> Iterator[Session]:
     """The request's unit of work: committed once when the route returns, rolled back on error."""
-    with runtime.db.sessionmaker() as session:
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
+    with runtime.db.session() as session:
+        yield session
 
 
 # scope="function": the commit happens before the response is sent, so a 2xx means it is durable.

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
@@ -14,7 +13,7 @@ from fastapi.testclient import TestClient
 from app.core.config import Settings
 from app.main import create_app
 from tests.checkpoints import make_base, make_expert
-from tests.conftest import PG_ADMIN_URL, unique
+from tests.conftest import migrated_postgres_database
 from tests.inprocess_api import RecordingQueue
 
 ALICE, BOB = "tok-iso-alice-5f2a9c", "tok-iso-bob-81d3e7"
@@ -36,24 +35,8 @@ class TwoTenants:
 @pytest.fixture(scope="module")
 def module_pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for the module, built by the Alembic migrations."""
-    from app.core.migrate import upgrade
-
-    name = unique("mliso_")
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
-    try:
-        upgrade(url)
+    with migrated_postgres_database("mliso_") as url:
         yield url
-    finally:
-        from app.core import db as core_db
-
-        for key, database in list(core_db._databases.items()):
-            if key[1] == url:
-                database.dispose()
-                core_db._databases.pop(key, None)
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     store: Literal["local", "s3"] = "local"
     store_path: Path | None = None  # local store root; default data_dir/objects
     s3_endpoint_url: str | None = None
+    # Where clients reach the store, when that differs from where the service does (a cluster-internal
+    # name such as http://s3:8333): presigned download URLs are signed for this endpoint.
+    s3_public_endpoint_url: str | None = None
     s3_bucket: str = "mergeline"
     s3_region: str = "us-east-1"
     s3_access_key_id: str | None = None

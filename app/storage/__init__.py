@@ -14,6 +14,7 @@ def create_store(settings: Settings) -> ObjectStore:
         return S3Store(
             bucket=settings.s3_bucket,
             endpoint_url=settings.s3_endpoint_url,
+            public_endpoint_url=settings.s3_public_endpoint_url,
             region=settings.s3_region,
             access_key_id=settings.s3_access_key_id,
             secret_access_key=settings.s3_secret_access_key,

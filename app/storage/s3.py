@@ -32,6 +32,7 @@ class S3Store:
         *,
         bucket: str,
         endpoint_url: str | None = None,
+        public_endpoint_url: str | None = None,
         region: str = "us-east-1",
         access_key_id: str | None = None,
         secret_access_key: str | None = None,
@@ -40,19 +41,23 @@ class S3Store:
     ) -> None:
         self.bucket = bucket
         self.presign_seconds = presign_seconds
-        self.client = boto3.session.Session().client(
-            "s3",
-            endpoint_url=endpoint_url,
-            region_name=region,
-            aws_access_key_id=access_key_id,
-            aws_secret_access_key=secret_access_key,
-            config=Config(
-                signature_version="s3v4",
-                s3={"addressing_style": "path"},
-                connect_timeout=connect_timeout,
-                read_timeout=60,
-                retries={"max_attempts": 3, "mode": "standard"},
-            ),
+        config = Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path"},
+            connect_timeout=connect_timeout,
+            read_timeout=60,
+            retries={"max_attempts": 3, "mode": "standard"},
+        )
+        session = boto3.session.Session()
+        credentials = {"region_name": region, "aws_access_key_id": access_key_id,
+                       "aws_secret_access_key": secret_access_key, "config": config}
+        self.client = session.client("s3", endpoint_url=endpoint_url, **credentials)
+        # SigV4 signs the host, so a URL for clients outside the cluster must be signed for their endpoint;
+        # signing is local, this client never sends a request.
+        self.presign_client = (
+            session.client("s3", endpoint_url=public_endpoint_url, **credentials)
+            if public_endpoint_url and public_endpoint_url != endpoint_url
+            else self.client
         )
 
     def ensure_bucket(self) -> None:
@@ -110,7 +115,7 @@ class S3Store:
         params = {"Bucket": self.bucket, "Key": key}
         if filename:
             params["ResponseContentDisposition"] = f'attachment; filename="{filename}"'
-        return self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=self.presign_seconds)
+        return self.presign_client.generate_presigned_url("get_object", Params=params, ExpiresIn=self.presign_seconds)
 
     def check(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)

@@ -38,3 +38,22 @@ def test_healthz_and_metrics(api) -> None:
     assert 'mergeline_http_requests_total{method="GET",route="/v1/streams",status="200"}' in metrics
     assert api.client.get("/docs").status_code == 200
     assert "/v1/streams/{stream_id}/experts" in api.client.get("/openapi.json").json()["paths"]
+
+
+def test_livez_answers_while_healthz_reports_a_dependency_down(api) -> None:
+    class BrokenStore:
+        def check(self) -> None:
+            raise ConnectionError("object store unreachable")
+
+    runtime = api.runtime
+    real_store, runtime.store = runtime.store, BrokenStore()
+    try:
+        health = api.client.get("/healthz")
+        assert health.status_code == 503
+        assert health.json()["checks"]["store"]["ok"] is False
+        assert "unreachable" in health.json()["checks"]["store"]["error"]
+        live = api.client.get("/livez")
+        assert live.status_code == 200 and live.json() == {"status": "alive"}
+    finally:
+        runtime.store = real_store
+    assert api.client.get("/healthz").status_code == 200

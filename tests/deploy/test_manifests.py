@@ -690,10 +690,11 @@ def test_api_probes_hit_healthz_on_the_container_port():
     template, api = workload_container("mergeline-api")
     ports = api["ports"]
     assert any(p["containerPort"] == API_PORT for p in ports), "API container does not expose 8000"
-    for probe in ("readinessProbe", "livenessProbe"):
+    # Readiness checks the dependencies; liveness only the process (a restart does not fix a database).
+    for probe, path in (("readinessProbe", "/healthz"), ("livenessProbe", "/livez")):
         get = api.get(probe, {}).get("httpGet")
         assert get, f"API: no HTTP {probe}"
-        assert get["path"] == "/healthz", f"API {probe} hits {get['path']}"
+        assert get["path"] == path, f"API {probe} hits {get['path']}, not {path}"
         assert any(get["port"] in (p.get("name"), p["containerPort"]) for p in ports), (
             f"API {probe} port {get['port']} is no container port"
         )

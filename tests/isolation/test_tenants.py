@@ -11,7 +11,7 @@ from tests.hostile.state import stored_state
 from tests.isolation.conftest import ALICE, BOB, TwoTenants
 
 # Routes anyone may call: liveness for probes, Prometheus scraping, and the API's own documentation.
-PUBLIC = {"/healthz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+PUBLIC = {"/livez", "/healthz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 BAD_AUTHORIZATION = {
     "missing": None,
     "unknown token": f"Bearer {ALICE}x",

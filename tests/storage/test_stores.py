@@ -88,3 +88,19 @@ def test_s3_multipart_upload_through_the_transfer_manager(s3_server: str, s3_buc
     out = tmp_path / "back.bin"
     store.get_file(key, out)
     assert out.read_bytes() == big.read_bytes()
+
+
+def test_s3_presigned_url_is_signed_for_the_public_endpoint(s3_server: str, s3_bucket: str, tmp_path: Path) -> None:
+    # The service reaches the store at 127.0.0.1; clients reach the same server by another name.
+    public = s3_server.replace("127.0.0.1", "localhost")
+    store = S3Store(bucket=s3_bucket, endpoint_url=s3_server, public_endpoint_url=public,
+                    access_key_id=S3_KEY, secret_access_key=S3_SECRET)
+    key = f"streams/{uuid.uuid4().hex}/versions/1.safetensors"
+    src = tmp_path / "v.bin"
+    src.write_bytes(b"merged")
+    store.put_file(key, src)
+    url = store.presigned_url(key)
+    assert url.startswith(public + "/")
+    assert httpx.get(url).content == b"merged"
+    # SigV4 signs the host: the same URL sent to the internal name is refused.
+    assert httpx.get(url.replace(public, s3_server)).status_code == 403

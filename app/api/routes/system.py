@@ -13,6 +13,13 @@ from app.services.health import check_all
 router = APIRouter(tags=["system"])
 
 
+@router.get("/livez")
+async def livez() -> dict[str, str]:
+    """200 while the process serves requests, whatever its dependencies do (a liveness probe:
+    restarting the API does not bring a database back, so dependency checks belong to /healthz)."""
+    return {"status": "alive"}
+
+
 @router.get("/healthz")
 async def healthz(runtime: RuntimeDep) -> JSONResponse:
     """200 when the database, the broker and the object store all answer; 503 otherwise."""

@@ -314,6 +314,8 @@ def main() -> None:
     parser.add_argument("--no-naive", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small shapes, one repeat")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--large-repeats", type=int, default=1,
+                        help="repeats of the engine fold for models over 500M parameters (minutes each on 2 cores)")
     parser.add_argument("--naive-repeats", type=int, default=1,
                         help="repeats of the naive fold (slow: minutes each on 2 cores)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
@@ -353,7 +355,8 @@ def main() -> None:
         meta = json.loads(paths["meta"].read_text())
         entry: dict = {"params": meta["params"], "dtype": str(MODELS[model][1]).removeprefix("torch."),
                        "file_bytes": paths["base"].stat().st_size}
-        entry["engine"] = measure("engine", model, repeats, args.device, args.seed, args.threads)
+        engine_repeats = repeats if meta["params"] < 500e6 else min(repeats, args.large_repeats)
+        entry["engine"] = measure("engine", model, engine_repeats, args.device, args.seed, args.threads)
         if model in naive_models:
             naive_repeats = 1 if args.quick else args.naive_repeats
             entry["naive"] = measure("naive", model, naive_repeats, args.device, args.seed, args.threads)

@@ -317,6 +317,7 @@ def _fold(
     scratch_factory: Callable[[], Any],
     progress: _Progress,
     svd_method: str,
+    expert_checked: bool,
 ) -> tuple[dict[str, Any], dict[str, float]]:
     totals = _Totals()
     names = base.names()
@@ -329,6 +330,8 @@ def _fold(
         return len(base.tensors[name].shape) == 2 and not pattern.search(name)
 
     two_pass = method.two_pass and version >= 2
+    # OPCM's pass 1 writes only the scratch file, so it can check the expert as it reads it
+    checked_in_pass1 = two_pass and not expert_checked
     if not two_pass:
         for name in names:
             stored = base.read(name)
@@ -362,7 +365,10 @@ def _fold(
                     continue
                 b = load(base, name)
                 delta = load(previous, name).sub_(b)
-                task = load(expert, name).sub_(b)
+                task = load(expert, name)
+                if checked_in_pass1:
+                    _raise_if_not_finite(task, name)
+                task.sub_(b)
                 del b
                 expert_sq = squared_norm(task)
                 totals.expert_sq += expert_sq
@@ -492,9 +498,12 @@ def fold_checkpoint(
             else None
         )
         _check_inputs(base_ck, previous_ck, expert_ck)
-        phases, totals = _phases(spec, version, base_ck, check_expert=True)
+        # OPCM from version 2 checks the expert during pass 1, which writes no output
+        pre_check = not (spec.two_pass and version >= 2)
+        phases, totals = _phases(spec, version, base_ck, check_expert=pre_check)
         tracker = _Progress(progress, phases, totals)
-        _check_finite(expert_ck, tracker)
+        if pre_check:
+            _check_finite(expert_ck, tracker)
 
         lineage = {key: value for key, value in (lineage or {}).items() if value is not None}
         lineage.setdefault("parent_sha256", stio.file_sha256(previous if previous is not None else base))
@@ -521,10 +530,21 @@ def fold_checkpoint(
                 scratch_factory=_scratch_for(torch_device, base_ck, scratch_root),
                 progress=tracker,
                 svd_method=svd_method,
+                expert_checked=pre_check,
             )
     metrics["seconds"] = time.perf_counter() - started
     tracker.finish()
     return FoldResult(out=out, state=new_state, metrics=metrics, sha256=writer.sha256, size=writer.size)
+
+
+def _raise_if_not_finite(tensor: torch.Tensor, name: str) -> None:
+    finite = torch.isfinite(tensor)
+    if not bool(finite.all()):
+        bad = int(finite.numel() - finite.sum())
+        nans = int(torch.isnan(tensor).sum())
+        raise NonFiniteTensor(
+            f"the expert's tensor {name!r} has {bad} non-finite value(s) ({nans} NaN, {bad - nans} Inf)", tensor=name
+        )
 
 
 def _check_finite(expert: stio.Checkpoint, tracker: _Progress) -> None:
@@ -532,15 +552,7 @@ def _check_finite(expert: stio.Checkpoint, tracker: _Progress) -> None:
         spec = expert.tensors[name]
         if spec.dtype not in stio.FLOATING_DTYPES:
             continue
-        tensor = expert.read(name)
-        finite = torch.isfinite(tensor)
-        if not bool(finite.all()):
-            bad = int(finite.numel() - finite.sum())
-            nans = int(torch.isnan(tensor).sum())
-            raise NonFiniteTensor(
-                f"the expert's tensor {name!r} has {bad} non-finite value(s) ({nans} NaN, {bad - nans} Inf)",
-                tensor=name,
-            )
+        _raise_if_not_finite(expert.read(name), name)
         tracker.advance("check", spec.numel)
 
 
@@ -582,6 +594,7 @@ def fold_state_dicts(
         scratch_factory=_DictScratch,
         progress=_Progress(None, phases, totals),
         svd_method=svd_method,
+        expert_checked=True,
     )
     metrics["seconds"] = time.perf_counter() - started
     return dict(sink), new_state, metrics

@@ -71,23 +71,44 @@ def economy_svd(delta: Tensor, *, method: str = "auto") -> tuple[Tensor, Tensor,
     return torch.linalg.svd(delta, full_matrices=False)
 
 
-def _gram_svd(delta: Tensor, *, strict: bool) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Economy SVD of a tall matrix through eigh(ΔᵀΔ) in float64; None when too ill-conditioned."""
-    m, n = delta.shape
-    gram = torch.zeros((n, n), dtype=torch.float64, device=delta.device)
+def _gram_eigh(tall: Tensor, *, strict: bool) -> tuple[Tensor, Tensor] | None:
+    """σ (descending) and V of a tall matrix from eigh(ΔᵀΔ) in float64; None when rank-deficient."""
+    m, n = tall.shape
+    gram = torch.zeros((n, n), dtype=torch.float64, device=tall.device)
     for start in range(0, m, _ROW_BLOCK):
-        block = delta[start : start + _ROW_BLOCK].to(torch.float64)
+        block = tall[start : start + _ROW_BLOCK].to(torch.float64)
         gram.addmm_(block.T, block)
     evals, v = torch.linalg.eigh(gram)
     evals, v = evals.flip(0), v.flip(1)  # descending
     s = evals.clamp_min(0).sqrt()
     if not strict and (s[0] == 0 or s[-1] < _GRAM_MIN_CONDITION * s[0]):
         return None
-    scaled = (v / s.clamp_min(torch.finfo(torch.float64).tiny)).to(delta.dtype)
+    return s.clamp_min(torch.finfo(torch.float64).tiny), v
+
+
+def _gram_svd(delta: Tensor, *, strict: bool) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Economy SVD of a tall matrix through eigh(ΔᵀΔ) in float64; None when rank-deficient."""
+    found = _gram_eigh(delta, strict=strict)
+    if found is None:
+        return None
+    s, v = found
+    m, n = delta.shape
+    scaled = (v / s).to(delta.dtype)
     u = torch.empty((m, n), dtype=delta.dtype, device=delta.device)
     for start in range(0, m, _ROW_BLOCK):
         torch.mm(delta[start : start + _ROW_BLOCK], scaled, out=u[start : start + _ROW_BLOCK])
     return u, s.to(delta.dtype), v.T.to(delta.dtype).contiguous()
+
+
+def _removed_block(x: Tensor, vh: Tensor, r: int) -> Tensor:
+    """M: the coordinates P = Uᵀ τ V that OPCM removes — its diagonal and its top-left r×r block.
+
+    ``x`` holds the rows u_iᵀ τ (k×n), ``vh`` the rows v_iᵀ (k×n).
+    """
+    removed = torch.diag((x * vh).sum(dim=1))  # u_iᵀ τ v_i
+    if r:
+        removed[:r, :r] = x[:r] @ vh[:r].T  # U_rᵀ τ V_r
+    return removed
 
 
 def project_task_vector(
@@ -103,26 +124,53 @@ def project_task_vector(
     .. math::
         \tilde\tau = \tau - U_r (U_r^\top \tau V_r) V_r^\top
                      - \sum_{i \ge r} (u_i^\top \tau v_i)\, u_i v_i^\top
+                   = \tau - U M V^\top
 
     which equals :math:`U P' V^\top` plus the part of τ outside the bases, i.e. the full-bases
     formula of the paper, at the cost of the economy SVD only.
 
-    Returns τ̃ (written over ``task`` when ``inplace``), r, and :math:`\|\tau - \tilde\tau\|^2`
-    (the squared norm removed, exact because U and V are orthonormal), accumulated in float64.
+    On the Gram route (see :func:`economy_svd`) U is never formed: with Δ tall,
+    :math:`U = \Delta V S^{-1}`, so :math:`U^\top\tau = S^{-1} V^\top (\Delta^\top\tau)` and
+    :math:`U M V^\top = \Delta\,(V S^{-1} M V^\top)` — three m×n×n products and n×n work,
+    and no m×k basis in memory (a wide Δ is handled as its transpose).
+
+    Returns τ̃ (written over ``task`` when ``inplace``), r, and :math:`\|\tau - \tilde\tau\|^2 = \|M\|^2`
+    (exact because U and V are orthonormal), accumulated in float64.
     """
-    u, s, vh = economy_svd(delta, method=svd_method)
-    r = split_rank(s, alpha=alpha)
-    x = u.T @ task  # k×n: row i is u_iᵀ τ
-    diagonal = (x * vh).sum(dim=1)  # u_iᵀ τ v_i
-    removed = torch.diag(diagonal)
-    if r:
-        removed[:r, :r] = x[:r] @ vh[:r].T  # U_rᵀ τ V_r
-    del x
-    removed_sq = float(torch.linalg.vector_norm(removed, dtype=torch.float64) ** 2)
-    back = removed @ vh  # k×n
+    wide = delta.shape[0] < delta.shape[1]
+    d, t = (delta.T, task.T) if wide else (delta, task)  # views, m ≥ n
     out = task if inplace else task.clone()
-    for start in range(0, out.shape[0], _ROW_BLOCK):
-        out[start : start + _ROW_BLOCK] -= u[start : start + _ROW_BLOCK] @ back
+    found = None
+    if svd_method == "gram" or (svd_method == "auto" and delta.dtype != torch.float64):
+        found = _gram_eigh(d, strict=svd_method == "gram")
+    if found is not None:
+        s64, v64 = found
+        r = split_rank(s64, alpha=alpha)
+        # the n×n products run in the working dtype: V and σ are already float32-exact, and
+        # float64 here cost as much as the whole decomposition on square matrices
+        s, v = s64.to(delta.dtype), v64.to(delta.dtype)
+        x = (v.T @ (d.T @ t)) / s[:, None]  # S⁻¹Vᵀ(Δᵀτ): row i is u_iᵀ τ
+        removed = _removed_block(x, v.T, r)
+        del x
+        kernel = (v / s) @ (removed @ v.T)  # Δ · kernel = U M Vᵀ
+    else:
+        u, s, vh = economy_svd(d, method="svd")
+        r = split_rank(s, alpha=alpha)
+        removed = _removed_block(u.T @ t, vh, r)
+        # an explicit, orthonormal U: Δ may be rank-deficient here, so U ≠ Δ V S⁻¹
+        kernel = None
+        back = removed @ vh  # k×n: M Vᵀ
+    removed_sq = float(torch.linalg.vector_norm(removed, dtype=torch.float64) ** 2)
+    rows = out.shape[0]
+    for start in range(0, rows, _ROW_BLOCK):
+        block = slice(start, start + _ROW_BLOCK)
+        if kernel is None:
+            # tall: rows of U M Vᵀ; wide: τ̃ᵀ = τᵀ − U M Vᵀ, i.e. τ̃ = τ − (M Vᵀ)ᵀ Uᵀ
+            correction = back.T[block] @ u.T if wide else u[block] @ back
+        else:
+            # tall: rows of Δ·K; wide: τ̃ᵀ = τᵀ − Δᵀ K, i.e. τ̃ = τ − Kᵀ Δ
+            correction = kernel.T[block] @ delta if wide else delta[block] @ kernel
+        out[block] -= correction
     return out, r, removed_sq
 
 

@@ -96,9 +96,10 @@ def test_folded_update_has_zero_diagonal_and_top_left_block_in_delta_bases(seed,
         assert torch.allclose(folded, experts[1][name] - base[name], atol=1e-10)
 
 
-def test_float32_projection_is_orthogonal_too():
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (16, 16)])
+def test_float32_projection_is_orthogonal_too(shape):
     torch.manual_seed(0)
-    delta, tau = torch.randn(40, 24), torch.randn(40, 24)
+    delta, tau = torch.randn(*shape), torch.randn(*shape)
     for method in ("gram", "svd", "auto"):
         projected, r, removed_sq = project_task_vector(delta, tau, alpha=0.5, svd_method=method)
         u, _s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
@@ -118,6 +119,22 @@ def test_economy_svd_routes_agree(shape):
         assert u.shape == (shape[0], k) and s.shape == (k,) and vh.shape == (k, shape[1])
         assert torch.allclose(u @ torch.diag(s) @ vh, delta, atol=1e-4)
         assert torch.allclose(u.T @ u, torch.eye(k), atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(20, 12), (12, 20)])
+def test_rank_deficient_projection_matches_the_reference(shape):
+    torch.manual_seed(3)
+    delta = (torch.randn(shape[0], 3) @ torch.randn(3, shape[1])).double()  # rank 3: the auto route uses LAPACK
+    tau = torch.randn(*shape, dtype=torch.float64)
+    got, _, _ = project_task_vector(delta.float(), tau.float(), alpha=0.5, svd_method="auto")
+    # basis-independent checks (the null space's basis is arbitrary): the range×null and
+    # null×range blocks of τ in Δ's singular bases are kept; the range diagonal is removed
+    u, _, vh = torch.linalg.svd(delta, full_matrices=True)
+    rank = 3
+    p_got, p_tau = u.T @ got.double() @ vh.T, u.T @ tau @ vh.T
+    assert torch.allclose(p_got[:rank, rank:], p_tau[:rank, rank:], atol=1e-4)
+    assert torch.allclose(p_got[rank:, :rank], p_tau[rank:, :rank], atol=1e-4)
+    assert float(torch.diagonal(p_got)[:rank].abs().max()) <= 1e-4
 
 
 def test_rank_deficient_delta_falls_back_to_an_orthonormal_basis():

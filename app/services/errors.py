@@ -51,4 +51,7 @@ CHECKPOINT_STATUS = {
     "dtype_mismatch": 422,
     "non_finite": 422,
     "invalid_params": 422,
+    "invalid_state": 422,
+    "trailing_data": 400,
+    "invalid_checkpoint": 400,
 }

@@ -11,8 +11,8 @@ import asyncio
 import hashlib
 import logging
 import math
-import warnings
 import tempfile
+import warnings
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path

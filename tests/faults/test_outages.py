@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from tests.checkpoints import max_relative_error, offline_merge
+from tests.conftest import unique
 from tests.faults.conftest import (
     make_fault_base,
     make_fault_expert,
@@ -24,7 +25,6 @@ from tests.faults.conftest import (
     size,
     wait_for_status,
 )
-from tests.conftest import unique
 
 
 def _download(client: httpx.Client, sid: str, n: int, dest: Path) -> Path:

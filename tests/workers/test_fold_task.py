@@ -13,8 +13,8 @@ from app.core.db import Database
 from app.models import Version
 from app.services import folds
 from app.storage import LocalStore
+from tests.checkpoints import make_expert
 from tests.inprocess_api import RecordingQueue
-from tests.checkpoints import make_base, make_expert
 
 
 @pytest.fixture

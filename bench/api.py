@@ -6,7 +6,13 @@
    closed loop (each client sends its next request as soon as the previous answer arrives,
    i.e. the server saturated) and open loop (each client at a fixed rate).
 
+   The closed loop is measured with wrk (a C load generator: ``apt-get install wrk``) when it
+   is on the PATH, ``--runs`` times, and the medians reported; without wrk, with the asyncio
+   client below, which competes with the server for the CPU (the JSON says which). The open
+   loop always uses the asyncio client (wrk has no fixed-rate mode).
+
     .venv/bin/python bench/api.py                      # writes bench/results/api.json
+    .venv/bin/python bench/api.py --only latency       # re-measure latency; keep the upload results
     .venv/bin/python bench/api.py --upload-gb 0.2 --duration 5 --out /tmp/api.json
 """
 
@@ -167,6 +173,70 @@ def load(url: str, path: str, clients: int, seconds: float, rate_per_client: flo
     }
 
 
+# Prints wrk's summary as one JSON line. wrk's percentiles are corrected for coordinated
+# omission: a response slower than the mean interval adds the samples the stalled connection
+# would have produced, so one stall shows in the tail instead of hiding in it.
+WRK_SCRIPT = """
+done = function(summary, latency, requests)
+  local p = {}
+  for _, q in ipairs({50, 90, 99, 99.9}) do p[#p + 1] = string.format('"%s": %.3f', q, latency:percentile(q) / 1000) end
+  io.write(string.format('WRK_JSON {"requests": %d, "duration_s": %.3f, "mean_ms": %.3f, "max_ms": %.3f, '
+    .. '"errors": %d, "status_errors": %d, "percentiles_ms": {%s}}\\n',
+    summary.requests, summary.duration / 1e6, latency.mean / 1000, latency.max / 1000,
+    summary.errors.connect + summary.errors.read + summary.errors.write + summary.errors.timeout,
+    summary.errors.status, table.concat(p, ", ")))
+end
+"""
+
+
+def wrk_load(wrk: str, url: str, clients: int, seconds: float, script: Path) -> dict:
+    out = subprocess.run(
+        [wrk, "-t1", f"-c{clients}", f"-d{max(1, round(seconds))}s", "--latency", "-s", str(script), url],
+        check=True, capture_output=True, text=True,
+    )
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("WRK_JSON "))
+    raw = json.loads(line.removeprefix("WRK_JSON "))
+    pct = raw["percentiles_ms"]
+    return {
+        "clients": clients,
+        "seconds": raw["duration_s"],
+        "requests": raw["requests"],
+        "requests_per_s": round(raw["requests"] / raw["duration_s"], 1),
+        "p50_ms": round(pct["50"], 2),
+        "p90_ms": round(pct["90"], 2),
+        "p99_ms": round(pct["99"], 2),
+        "p99_9_ms": round(pct["99.9"], 2),
+        "max_ms": round(raw["max_ms"], 2),
+        "mean_ms": round(raw["mean_ms"], 2),
+        "errors": raw["errors"] + raw["status_errors"],
+    }
+
+
+def closed_loop(url: str, path: str, clients: int, seconds: float, runs: int, work: Path) -> dict:
+    """The closed loop, with wrk if it is installed (medians of ``runs``), else the asyncio client."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        load(url, path, clients, 2, None)  # warm-up
+        result = load(url, path, clients, seconds, None)
+        return {"tool": "python asyncio client (bench/api.py; wrk not found)", **result}
+    script = work / "summary.lua"
+    script.write_text(WRK_SCRIPT)
+    wrk_load(wrk, url + path, clients, 2, script)  # warm-up
+    samples = [wrk_load(wrk, url + path, clients, seconds, script) for _ in range(runs)]
+    medians = {k: statistics.median(r[k] for r in samples) for k in samples[0] if k not in ("clients",)}
+    version = subprocess.run([wrk, "--version"], capture_output=True, text=True).stdout.splitlines()
+    return {
+        "tool": "wrk",
+        "tool_version": (version or ["?"])[0].strip(),
+        "command": f"wrk -t1 -c{clients} -d{max(1, round(seconds))}s --latency -s summary.lua URL",
+        "runs": runs,
+        "note": "medians over the runs; wrk's percentiles are corrected for coordinated omission",
+        "clients": clients,
+        **medians,
+        "each_run": samples,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--upload-gb", type=float, default=1.0)
@@ -178,6 +248,11 @@ def main() -> None:
         default=[1.0, 2.0, 4.0],
         help="open-loop rates of each client (req/s), comma-separated",
     )
+    parser.add_argument("--runs", type=int, default=3, help="closed-loop runs with wrk (medians are reported)")
+    parser.add_argument(
+        "--only", choices=["all", "latency"], default="all",
+        help="latency: measure only the latency, and merge it into --out keeping the upload results there",
+    )  # fmt: skip
     parser.add_argument("--no-tmpfs", action="store_true", help="skip the upload run with the data folder on tmpfs")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "api.json")
     args = parser.parse_args()
@@ -214,18 +289,27 @@ def main() -> None:
                 break
             time.sleep(0.1)
         path = f"/v1/streams/{sid}/versions/latest"
+        closed = closed_loop(url, path, args.clients, args.duration, args.runs, work)
         load(url, path, args.clients, 2, None)  # warm-up
-        closed = load(url, path, args.clients, args.duration, None)
-        opened = [load(url, path, args.clients, args.duration, rate) for rate in args.rates_per_client]
+        opened = [
+            {"tool": "python asyncio client (bench/api.py)", **load(url, path, args.clients, args.duration, rate)}
+            for rate in args.rates_per_client
+        ]
 
-        big = work / "big"
-        big.mkdir()
-        base, expert = make_checkpoints(big, args.upload_gb)
-        bid = client.post("/v1/streams", json={"name": "upload"}).json()["id"]
-        upload = measure_upload(url, server.pid, bid, base, expert)
+        upload = None
+        if args.only == "all":
+            big = work / "big"
+            big.mkdir()
+            base, expert = make_checkpoints(big, args.upload_gb)
+            bid = client.post("/v1/streams", json={"name": "upload"}).json()["id"]
+            upload = measure_upload(url, server.pid, bid, base, expert)
     finally:
         server.terminate()
         server.wait(timeout=60)
+    if upload is None:
+        shutil.rmtree(work, ignore_errors=True)
+        finish(args, None, None, closed, opened)
+        return
 
     # The same upload with the server's data folder on tmpfs: the service's own speed, without
     # this machine's disk (which writes ~0.25-0.3 GB/s, measured with dd) as the limit.
@@ -251,21 +335,31 @@ def main() -> None:
             shutil.rmtree(shm, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
 
-    result = {
-        "benchmark": "api",
-        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "mode": "embedded defaults (mergeline serve: SQLite, local folder, embedded worker), loopback",
-        "upload": upload,
-        "upload_data_dir_on_tmpfs": upload_tmpfs,
-        "latest_latency": {
-            "note": "closed loop: 100 clients each send the next request as soon as the answer arrives "
-            "(saturation: latency = clients / throughput); open loop: 100 clients each at a fixed rate, random phase",
-            "closed_loop": closed,
-            "open_loop": opened,
-        },
-        "targets": {"upload_gb_per_s": 1.0, "latest_p99_ms": 25},
+    finish(args, upload, upload_tmpfs, closed, opened)
+
+
+def finish(
+    args: argparse.Namespace, upload: dict | None, upload_tmpfs: dict | None, closed: dict, opened: list
+) -> None:
+    latency = {
+        "note": "closed loop: 100 clients each send the next request as soon as the answer arrives "
+        "(saturation: mean latency = clients / throughput); open loop: 100 clients each at a fixed rate, random phase",
+        "closed_loop": closed,
+        "open_loop": opened,
     }
+    if upload is None and args.out.exists():  # --only latency: keep the upload results already there
+        result = json.loads(args.out.read_text())
+    else:
+        result = {"benchmark": "api", "upload": upload, "upload_data_dir_on_tmpfs": upload_tmpfs}
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if upload is not None:
+        result.update(when=when, machine=machine)
+    result.update(
+        mode="embedded defaults (mergeline serve: SQLite, local folder, embedded worker), loopback",
+        latest_latency={"when": when, "machine": machine, **latency},
+        targets={"upload_gb_per_s": 1.0, "latest_p99_ms": 25},
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -48,6 +48,7 @@ class Database:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.is_sqlite = url.startswith("sqlite")
         self.engine = make_engine(url)
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import Connection, Row, and_, bindparam, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
-from app.models import Version, VersionStatus
+from app.models import Expert, Stream, Version, VersionStatus
 
 S = VersionStatus
 
@@ -264,3 +264,76 @@ def take_stalled(session: Session, *, now: float, quiet_for: float) -> list[str]
         if result.rowcount == 1:
             taken.append(version_id)
     return taken
+
+
+# --- The read hot path: GET /v1/streams/{id}/versions/{number|latest} in one query. ---------
+#
+# One statement, built once (a Core select over the tables, bound parameters only), answers
+# "the tenant's stream, its version (a number, or the newest succeeded one), that version's
+# expert and its parent's number". A stream row with NULL version columns means the stream
+# exists but has no such version; no row means no stream (for this tenant).
+_streams = Stream.__table__
+_v = Version.__table__.alias("v")
+_parent = Version.__table__.alias("p")
+_expert = Expert.__table__.alias("e")
+_newest = Version.__table__.alias("newest")
+
+_VIEW_COLUMNS = (
+    _v.c.id.label("version_id"),
+    _v.c.number,
+    _v.c.status,
+    _parent.c.number.label("parent_number"),
+    _v.c.progress,
+    _v.c.metrics,
+    _v.c.error_code,
+    _v.c.error,
+    _v.c.attempts,
+    _v.c.created_at,
+    _v.c.started_at,
+    _v.c.finished_at,
+    _v.c.sha256,
+    _v.c.size,
+    _expert.c.id.label("expert_id"),
+    _expert.c.name.label("expert_name"),
+    _expert.c.sha256.label("expert_sha256"),
+    _expert.c.size.label("expert_size"),
+    _expert.c.metadata.label("expert_metadata"),
+    _expert.c.created_at.label("expert_created_at"),
+)
+
+
+def _view_statement(version_on):  # noqa: ANN001, ANN202
+    joined = (
+        _streams.outerjoin(_v, version_on)
+        .outerjoin(_expert, _expert.c.id == _v.c.expert_id)
+        .outerjoin(_parent, _parent.c.id == _v.c.parent_id)
+    )
+    return (
+        select(*_VIEW_COLUMNS)
+        .select_from(joined)
+        .where(_streams.c.id == bindparam("stream_id"), _streams.c.tenant_id == bindparam("tenant_id"))
+    )
+
+
+_LATEST_VIEW = _view_statement(
+    _v.c.id
+    == select(_newest.c.id)
+    .where(_newest.c.stream_id == _streams.c.id, _newest.c.status == S.succeeded.value)
+    .order_by(_newest.c.number.desc())
+    .limit(1)
+    .scalar_subquery()
+)
+_NUMBER_VIEW = _view_statement(and_(_v.c.stream_id == _streams.c.id, _v.c.number == bindparam("number")))
+
+
+def view_row(conn: Connection | Session, tenant_id: str, stream_id: str, number: int | None) -> Row | None:
+    """The row behind a version's public view: ``number``, or the newest succeeded version if None.
+
+    None: the tenant has no such stream. A row whose ``version_id`` is None: the stream exists
+    but has no such version.
+    """
+    params: dict[str, Any] = {"stream_id": stream_id, "tenant_id": tenant_id}
+    if number is None:
+        return conn.execute(_LATEST_VIEW, params).one_or_none()
+    params["number"] = number
+    return conn.execute(_NUMBER_VIEW, params).one_or_none()

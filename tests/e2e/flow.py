@@ -67,8 +67,11 @@ def run_flow(url: str, work: Path, *, token: str | None, expect_redirect: bool) 
             assert v["expert"]["sha256"] == sha256_of(experts[n - 1]) and v["expert"]["name"] == f"task{n}"
             assert v["sha256"] and v["size"] and v["metrics"] is not None
 
+        # GET one version (a one-query fast path) answers exactly what the listing says of it.
+        for v in versions:
+            assert client.get(f"/v1/streams/{stream_id}/versions/{v['number']}").json() == v
         latest = client.get(f"/v1/streams/{stream_id}/versions/latest").json()
-        assert latest["number"] == 3
+        assert latest == versions[3]
         listing = client.get("/v1/streams").json()["streams"]
         assert [s["latest_version"]["number"] for s in listing if s["id"] == stream_id] == [3]
 

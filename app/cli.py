@@ -45,7 +45,6 @@ def _configure_logging(level: str) -> None:
 @app.command()
 def migrate() -> None:
     """Create or upgrade the database schema (alembic upgrade head)."""
-    from app.core.config import get_settings
     from app.core.migrate import upgrade
 
     settings = _settings()
@@ -60,7 +59,6 @@ def worker(
     pool: Annotated[str, typer.Option(help="Celery pool: prefork (default), solo, threads")] = "prefork",
 ) -> None:
     """Run a Celery fold worker."""
-    from app.core.config import get_settings
 
     settings = _settings()
     from workers.celery_app import celery_app
@@ -93,7 +91,7 @@ def serve() -> None:
     """Migrate, then run the API (and, when MERGELINE_EMBEDDED_WORKER, a fold worker beside it)."""
     import uvicorn
 
-    from app.core.config import get_settings, is_loopback
+    from app.core.config import is_loopback
     from app.core.migrate import upgrade
 
     settings = _settings()
@@ -101,8 +99,8 @@ def serve() -> None:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.database_url)
     if settings.store == "s3":
-        from app.storage.s3 import S3Store
         from app.storage import create_store
+        from app.storage.s3 import S3Store
 
         try:
             store = create_store(settings)

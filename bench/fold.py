@@ -30,9 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch
+import torch  # noqa: E402  (after the sys.path line above)
 
-from app.merging import safetensors_io as stio
+from app.merging import safetensors_io as stio  # noqa: E402
 
 CACHE = ROOT / "bench" / ".cache"
 RESULTS = ROOT / "bench" / "results"

@@ -440,7 +440,9 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 # --------------------------------------------------------------------------- writing
 
 
-def encode_header(layout: Iterable[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, TensorSpec]]:
+def encode_header(
+    layout: Iterable[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None
+) -> tuple[bytes, dict[str, TensorSpec]]:
     """The padded header bytes (length prefix included) for tensors stored in the given order."""
     raw: dict[str, Any] = {}
     if metadata:

@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
 
-from bench.quality import run as quality
+from bench.quality import run as quality  # noqa: E402  (after the importorskips)
 
 
 @pytest.fixture(scope="module")

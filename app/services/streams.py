@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
+from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from app.models import Expert, Stream, Version
@@ -85,23 +87,70 @@ def version_views(session: Session, versions: list[Version]) -> list[VersionPubl
     missing = [v.parent_id for v in versions if v.parent_id and v.parent_id not in known]
     known.update(versions_repo.numbers_by_id(session, missing))
     return [
-        VersionPublic(
-            number=v.number,
-            status=v.status,
+        version_public(
+            v,
             parent=known.get(v.parent_id) if v.parent_id else None,
             expert=expert_public(experts[v.expert_id]) if v.expert_id in experts else None,
-            progress=v.progress,
-            metrics=v.metrics,
-            error=VersionError(code=v.error_code, message=v.error) if v.error else None,
-            attempts=v.attempts,
-            created_at=v.created_at,
-            started_at=v.started_at,
-            finished_at=v.finished_at,
-            sha256=v.sha256,
-            size=v.size,
         )
         for v in versions
     ]
+
+
+def version_public(v: Any, *, parent: int | None, expert: ExpertPublic | None) -> VersionPublic:
+    """A version as the API shows it, from an ORM ``Version`` or a Core row with the same column names."""
+    return VersionPublic(
+        number=v.number,
+        status=v.status,
+        parent=parent,
+        expert=expert,
+        progress=v.progress,
+        metrics=v.metrics,
+        error=VersionError(code=v.error_code, message=v.error) if v.error else None,
+        attempts=v.attempts,
+        created_at=v.created_at,
+        started_at=v.started_at,
+        finished_at=v.finished_at,
+        sha256=v.sha256,
+        size=v.size,
+    )
+
+
+def version_view_by_number(conn: Connection, tenant: str, stream_id: str, number: int | None) -> VersionPublic:
+    """One version (``None``: the newest succeeded) in one Core query: the polling hot path.
+
+    Same answers and errors as ``get_version`` + ``version_view``, for a well-formed stream id
+    and version number (see ``plain_version_ref``).
+    """
+    row = versions_repo.view_row(conn, tenant, stream_id, number)
+    if row is None:
+        raise NotFound(f"no stream {stream_id[:80]!r}")
+    if row.version_id is None:
+        if number is None:
+            raise NotFound(f"stream {stream_id} has no succeeded version yet (upload a base first)")
+        raise NotFound(f"stream {stream_id} has no version {number}")
+    expert = None
+    if row.expert_id is not None:
+        expert = ExpertPublic(
+            id=row.expert_id,
+            name=row.expert_name,
+            sha256=row.expert_sha256,
+            size=row.expert_size,
+            metadata=row.expert_metadata,
+            created_at=row.expert_created_at,
+        )
+    return version_public(row, parent=row.parent_number, expert=expert)
+
+
+def plain_version_ref(stream_id: str, ref: str) -> int | None | bool:
+    """For the hot path: ``None`` for ``latest``, the number for a valid version number, and
+    False for a malformed stream id or ref (left to the general path, which words every error)."""
+    if not _STREAM_ID.fullmatch(stream_id):
+        return False
+    if ref == "latest":
+        return None
+    if ref.isascii() and ref.isdecimal() and len(ref) <= 10 and int(ref) <= MAX_VERSION_NUMBER:
+        return int(ref)
+    return False
 
 
 def version_view(session: Session, version: Version) -> VersionPublic:

@@ -9,7 +9,6 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
-from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from app.api.deps import QueueDep, ReaderDep, RuntimeDep, SessionDep, SettingsDep, StoreDep, TenantDep
@@ -17,19 +16,17 @@ from app.api.errors import checkpoint_error_status
 from app.schemas.errors import ErrorBody
 from app.schemas.streams import (
     NAME_PATTERN,
-    ExpertPublic,
     StreamCreate,
     StreamList,
     StreamPublic,
     UploadAccepted,
-    VersionError,
     VersionList,
     VersionPublic,
 )
 from app.services import streams as streams_service
 from app.services import uploads as uploads_service
 from app.services import versions as versions_service
-from app.services.errors import Conflict, NotFound, ServiceError
+from app.services.errors import Conflict, ServiceError
 from app.storage import version_key
 
 router = APIRouter(prefix="/v1/streams", tags=["streams"])
@@ -213,61 +210,13 @@ def _version_view(session: Session, tenant: str, stream_id: str, number: str) ->
     return streams_service.version_view(session, streams_service.get_version(session, stream, number))
 
 
-def _plain_version_ref(ref: str) -> int | None | bool:
-    """``None`` for ``latest``, the number for a valid version number, False for anything else."""
-    if ref == "latest":
-        return None
-    if ref.isascii() and ref.isdecimal() and len(ref) <= 10 and int(ref) <= streams_service.MAX_VERSION_NUMBER:
-        return int(ref)
-    return False
-
-
-def _version_view_fast(conn: Connection, tenant: str, stream_id: str, number: int | None) -> VersionPublic:
-    """``_version_view`` in one query (the polling hot path); the same answers and errors."""
-    from app.repositories import versions as versions_repo
-
-    row = versions_repo.view_row(conn, tenant, stream_id, number)
-    if row is None:
-        raise NotFound(f"no stream {stream_id[:80]!r}")
-    if row.version_id is None:
-        if number is None:
-            raise NotFound(f"stream {stream_id} has no succeeded version yet (upload a base first)")
-        raise NotFound(f"stream {stream_id} has no version {number}")
-    expert = None
-    if row.expert_id is not None:
-        expert = ExpertPublic(
-            id=row.expert_id,
-            name=row.expert_name,
-            sha256=row.expert_sha256,
-            size=row.expert_size,
-            metadata=row.expert_metadata,
-            created_at=row.expert_created_at,
-        )
-    return VersionPublic(
-        number=row.number,
-        status=row.status,
-        parent=row.parent_number,
-        expert=expert,
-        progress=row.progress,
-        metrics=row.metrics,
-        error=VersionError(code=row.error_code, message=row.error) if row.error else None,
-        attempts=row.attempts,
-        created_at=row.created_at,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        sha256=row.sha256,
-        size=row.size,
-    )
-
-
 @router.get("/{stream_id}/versions/{number}", response_model=VersionPublic, responses=ERRORS)
 async def get_version(stream_id: str, number: str, read: ReaderDep, tenant: TenantDep) -> VersionPublic:
     """One version; ``number`` may be ``latest`` (the newest succeeded version)."""
-    ref = _plain_version_ref(number)
-    if ref is False or not streams_service._STREAM_ID.fullmatch(stream_id):
-        # Malformed ids and refs: the general path, which words every error.
+    ref = streams_service.plain_version_ref(stream_id, number)
+    if ref is False:
         return await read(_version_view, tenant, stream_id, number)
-    return await read.core(_version_view_fast, tenant, stream_id, ref)
+    return await read.core(streams_service.version_view_by_number, tenant, stream_id, ref)
 
 
 @router.post("/{stream_id}/versions/{number}/retry", response_model=VersionPublic, responses=ERRORS)

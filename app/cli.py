@@ -63,10 +63,12 @@ def worker(
     settings = _settings()
     from workers.celery_app import celery_app
 
+    processes = concurrency or settings.worker_concurrency
+    celery_app.conf.worker_concurrency = processes  # forked pool processes read it to share the cores
     celery_app.worker_main(
         [
             "worker",
-            f"--concurrency={concurrency or settings.worker_concurrency}",
+            f"--concurrency={processes}",
             f"--pool={pool}",
             f"--loglevel={settings.log_level}",
             f"--queues={settings.queue}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 
@@ -22,6 +23,17 @@ def _fresh_connections(**_: object) -> None:
     from workers.tasks import reset_context
 
     reset_context()
+    share_cpu_threads()
+
+
+def share_cpu_threads() -> int:
+    """Give this pool process its share of the cores for torch's math threads (the fold's SVDs)."""
+    import torch
+
+    processes = max(1, int(celery_app.conf.worker_concurrency or 1))
+    threads = get_settings().fold_threads or max(1, (os.cpu_count() or 1) // processes)
+    torch.set_num_threads(threads)
+    return threads
 
 
 @worker_ready.connect

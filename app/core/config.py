@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     # Start a Celery worker process alongside the API (`mergeline serve`); off in production.
     embedded_worker: bool = True
     worker_concurrency: int = 1
+    # CPU threads each fold process may use; default: the machine's cores shared out among the worker's
+    # processes (oversubscribed math-library threads spin: measured 15x slower eigh on a contended 2-core VM).
+    fold_threads: int | None = Field(default=None, ge=1)
     # Celery queue name (and, on Redis, the key prefix): lets several deployments share one broker.
     queue: str = "mergeline"
     # Redis re-delivers a message whose worker vanished after this long; folds are idempotent,

@@ -76,3 +76,26 @@ def test_missing_expert_object_fails_the_version_and_stops_the_stream(api, strea
     assert folds.fold_version(ctx, v[2].id) == "not_its_turn"
     assert not ctx.store.exists(f"streams/{stream_with_experts}/versions/1.safetensors")
     assert list((Path(api.settings.work_dir) / "folds").iterdir()) == []
+
+
+def test_pool_processes_share_the_cores_for_fold_threads(monkeypatch) -> None:
+    import os
+
+    import torch
+
+    from app.core.config import get_settings
+    from workers.celery_app import celery_app, share_cpu_threads
+
+    before, concurrency = torch.get_num_threads(), celery_app.conf.worker_concurrency
+    try:
+        celery_app.conf.worker_concurrency = 2
+        assert share_cpu_threads() == max(1, (os.cpu_count() or 1) // 2) == torch.get_num_threads()
+        celery_app.conf.worker_concurrency = 64
+        assert share_cpu_threads() == 1 == torch.get_num_threads()
+        monkeypatch.setenv("MERGELINE_FOLD_THREADS", "3")
+        get_settings.cache_clear()
+        assert share_cpu_threads() == 3 == torch.get_num_threads()
+    finally:
+        get_settings.cache_clear()
+        celery_app.conf.worker_concurrency = concurrency
+        torch.set_num_threads(before)

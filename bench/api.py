@@ -237,6 +237,19 @@ def closed_loop(url: str, path: str, clients: int, seconds: float, runs: int, wo
     }
 
 
+def start_server(env: dict[str, str], port: int) -> tuple[subprocess.Popen, str]:
+    """Start `mergeline serve` with ``env`` and wait until it answers; the caller stops it."""
+    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{url}/openapi.json").status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    return server, url
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--upload-gb", type=float, default=1.0)
@@ -262,15 +275,8 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MERGELINE_")}
     env.update(MERGELINE_DATA_DIR=str(work / "var"), MERGELINE_PORT=str(port), MERGELINE_LOG_LEVEL="WARNING",
                MERGELINE_MAX_UPLOAD_BYTES=str(64 * 1024**3))  # fmt: skip
-    server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    server, url = start_server(env, port)
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(f"{url}/openapi.json").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         client = httpx.Client(base_url=url, timeout=600)
 
         # Latency first, on a stream whose latest version is a small folded one.
@@ -318,15 +324,8 @@ def main() -> None:
         shm = Path(tempfile.mkdtemp(prefix="mergeline-bench-api-", dir="/dev/shm"))
         port = free_port()
         env.update(MERGELINE_DATA_DIR=str(shm / "var"), MERGELINE_PORT=str(port), MERGELINE_EMBEDDED_WORKER="false")
-        server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT, env=env)
-        url = f"http://127.0.0.1:{port}"
+        server, url = start_server(env, port)
         try:
-            for _ in range(300):
-                try:
-                    if httpx.get(f"{url}/openapi.json").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
             bid = httpx.post(f"{url}/v1/streams", json={"name": "upload"}).json()["id"]
             upload_tmpfs = measure_upload(url, server.pid, bid, base, expert)
         finally:

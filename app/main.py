@@ -21,6 +21,7 @@ from app.core.metrics import ApiMetrics
 from app.services.auth import sync_tokens
 from app.services.queue import CeleryFoldQueue
 from app.storage import create_store
+from app.web import routes as web
 
 log = logging.getLogger(__name__)
 
@@ -109,5 +110,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(streams.router)
     app.include_router(system.router)
+    web.install(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -121,16 +121,37 @@ def reports_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _bytes_progress() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=False,
-    )
+class BytesProgress:
+    """A rich progress bar over bytes, shown from the moment the total is known (``on_total``),
+    so an error before any transfer (bad token, unknown stream) prints only its own line."""
+
+    def __init__(self, label: str) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err,
+        )
+        self.task = self.progress.add_task(label, total=None)
+        self.started = False
+
+    def on_total(self, total: int, already: int) -> None:
+        if not self.started:
+            self.progress.start()
+            self.started = True
+        self.progress.update(self.task, total=total, completed=already)
+
+    def on_progress(self, done: int) -> None:
+        self.progress.update(self.task, completed=done)
+
+    def __enter__(self) -> BytesProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.started:
+            self.progress.stop()
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -228,17 +249,14 @@ def push_command(
     """Upload a checkpoint through a resumable upload session; run again after an interruption, it sends only the rest."""
     if not path.exists():
         raise MergelineError(f"{path}: no such file or folder")
-    with make_client(url, token, limit_rate) as client, _bytes_progress() as progress:
-        task = progress.add_task(f"push {path.name}", total=None)
+    with make_client(url, token, limit_rate) as client, BytesProgress(f"push {path.name}") as bar:
 
         def on_total(total: int, already: int) -> None:
-            progress.update(task, total=total, completed=already)
+            bar.on_total(total, already)
             if already:
-                progress.console.print(f"resuming: the server already has {already} of {total} bytes", highlight=False)
+                err.print(f"resuming: the server already has {already} of {total} bytes", highlight=False)
 
-        result = client.push(
-            stream, path, name=name, base=base, on_total=on_total, on_progress=lambda done: progress.update(task, completed=done)
-        )
+        result = client.push(stream, path, name=name, base=base, on_total=on_total, on_progress=bar.on_progress)
     v = result.version
     what = "base" if result.role == "base" else f"expert {result.expert.name if result.expert else ''}".rstrip()
     if not result.created:
@@ -287,15 +305,8 @@ def pull_command(
     if len(args) not in (1, 2):
         raise MergelineError("pull takes STREAM [VERSION|latest|@alias] DIR")
     ref, folder = (args[0], args[1]) if len(args) == 2 else ("latest", args[0])
-    with make_client(url, token, limit_rate) as client, _bytes_progress() as progress:
-        task = progress.add_task(f"pull {ref}", total=None)
-
-        def on_total(total: int, already: int) -> None:
-            progress.update(task, total=total, completed=already)
-
-        result = client.pull(
-            stream, ref, Path(folder), on_total=on_total, on_progress=lambda done: progress.update(task, completed=done)
-        )
+    with make_client(url, token, limit_rate) as client, BytesProgress(f"pull {ref}") as bar:
+        result = client.pull(stream, ref, Path(folder), on_total=bar.on_total, on_progress=bar.on_progress)
     out.print(
         f"version {result.version.number}: {len(result.files)} files in {folder}, sha256 checked "
         f"({result.downloaded_bytes} of {result.total_bytes} bytes downloaded this time)",

@@ -158,12 +158,14 @@ def _fold_claimed(ctx: FoldContext, version_id: str, owner: str) -> str:
         with ctx.db.session() as session:
             version = versions_repo.get(session, version_id)
             stream = streams_repo.get(session, version.stream_id)
-            expert = experts_repo.get(session, version.expert_id)
+            # A replay's expert reuses its source's stored objects; its base is its origin stream's.
+            expert = experts_repo.stored(session, experts_repo.get(session, version.expert_id))
+            origin = streams_repo.origin_id(session, stream)
             parent = versions_repo.get(session, version.parent_id)
             # The engine's fold index: the version number, less the versions an operator skipped.
             fold_index = versions_repo.folds_before(session, parent) + 1
         number = version.number
-        base = _materialize(ctx.store, base_key(stream.id), scratch / "base.safetensors")
+        base = _materialize(ctx.store, base_key(origin), scratch / "base.safetensors")
         previous = (
             _materialize(ctx.store, parent.object_key, scratch / "previous.safetensors") if fold_index > 1 else None
         )
@@ -213,6 +215,10 @@ def _fold_claimed(ctx: FoldContext, version_id: str, owner: str) -> str:
                 metrics=_jsonable(result.metrics),
                 finished_at=utcnow(),
             )
+            if done:  # the stream's evaluator runs as its own task: it never touches this version again
+                from app.services.evaluations import queue_plugin_evaluation
+
+                queue_plugin_evaluation(session, ctx.queue, version_id)
         if not done:
             return "lease_lost"
         try:

@@ -6,6 +6,7 @@ from app.models.evaluation import Evaluation, EvaluationStatus
 from app.models.expert import Expert
 from app.models.stream import Stream
 from app.models.tenant import ApiToken, Tenant
+from app.models.upload_session import UploadFile, UploadSession, UploadStatus
 from app.models.version import Version, VersionStatus
 
 __all__ = [
@@ -18,6 +19,9 @@ __all__ = [
     "Expert",
     "Stream",
     "Tenant",
+    "UploadFile",
+    "UploadSession",
+    "UploadStatus",
     "Version",
     "VersionStatus",
     "new_id",

@@ -4,6 +4,20 @@ from app.models.base import Base, new_id, utcnow
 from app.models.expert import Expert
 from app.models.stream import Stream
 from app.models.tenant import ApiToken, Tenant
+from app.models.upload_session import UploadFile, UploadSession, UploadStatus
 from app.models.version import Version, VersionStatus
 
-__all__ = ["ApiToken", "Base", "Expert", "Stream", "Tenant", "Version", "VersionStatus", "new_id", "utcnow"]
+__all__ = [
+    "ApiToken",
+    "Base",
+    "Expert",
+    "Stream",
+    "Tenant",
+    "UploadFile",
+    "UploadSession",
+    "UploadStatus",
+    "Version",
+    "VersionStatus",
+    "new_id",
+    "utcnow",
+]

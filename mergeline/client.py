@@ -328,11 +328,24 @@ class Client:
 
     # --- streams (§3) -----------------------------------------------------------------------------
 
-    def create_stream(self, name: str, method: str = "opcm", params: dict[str, Any] | None = None) -> Stream:
+    def create_stream(
+        self,
+        name: str,
+        method: str = "opcm",
+        params: dict[str, Any] | None = None,
+        *,
+        evaluator: dict[str, Any] | None = None,
+        champion: dict[str, Any] | None = None,
+    ) -> Stream:
+        """A new stream. ``evaluator`` ({"name", "params"}) runs on each succeeded version;
+        ``champion`` ({"metric", "mode", "candidates"}) runs candidate replays (§3.2)."""
+        body: dict[str, Any] = {"name": name, "method": method, "params": params or {}}
+        if evaluator is not None:
+            body["evaluator"] = evaluator
+        if champion is not None:
+            body["champion"] = champion
         # Not retried after a cut-off answer: a second POST would make a second stream.
-        return self._model(
-            Stream, "POST", "/v1/streams", json={"name": name, "method": method, "params": params or {}}, safe=False
-        )
+        return self._model(Stream, "POST", "/v1/streams", json=body, safe=False)
 
     def list_streams(self) -> list[Stream]:
         return [Stream.model_validate(s) for s in self.request("GET", "/v1/streams").json()["streams"]]
@@ -447,20 +460,23 @@ class Client:
 
     # --- aliases, evaluations, replays (§3.2) -----------------------------------------------------------
 
-    def set_alias(self, stream: str, alias: str, version: int | str) -> dict[str, Any]:
-        """Point ``alias`` at a version (setting it twice to the same version changes nothing: safe to retry)."""
-        return self.request("PUT", f"{self._s(stream)}/aliases/{quote(alias, safe='')}", json={"version": version}).json()
+    def set_alias(self, stream: str, alias: str, version: int | str, *, stream_id: str | None = None) -> Alias:
+        """Point ``alias`` at a version of this stream, or of one of its replays (``stream_id``).
+        Setting it to where it already points changes nothing, so a retry is safe."""
+        body: dict[str, Any] = {"version": version}
+        if stream_id is not None:
+            body["stream_id"] = stream_id
+        return self._model(Alias, "PUT", f"{self._s(stream)}/aliases/{quote(alias, safe='')}", json=body)
 
     def list_aliases(self, stream: str) -> list[Alias]:
-        body = self.request("GET", f"{self._s(stream)}/aliases").json()
-        items = body.get("aliases", body) if isinstance(body, dict) else body
-        return [Alias.model_validate(a) for a in items]
+        return [Alias.model_validate(a) for a in self.request("GET", f"{self._s(stream)}/aliases").json()["aliases"]]
 
-    def add_evaluation(self, stream: str, version: int | str, evaluator: str, metrics: dict[str, float]) -> dict[str, Any]:
-        return self.request(
-            "POST", f"{self._s(stream)}/versions/{quote(str(version), safe='@')}/evaluations",
+    def add_evaluation(self, stream: str, version: int | str, evaluator: str, metrics: dict[str, float]) -> Version:
+        """Record metrics measured on a version; answers the version with its evaluations."""
+        return self._model(
+            Version, "POST", f"{self._s(stream)}/versions/{quote(str(version), safe='@')}/evaluations",
             json={"evaluator": evaluator, "metrics": metrics}, safe=False,
-        ).json()  # fmt: skip
+        )  # fmt: skip
 
     def create_replay(
         self, stream: str, name: str, *, method: str | None = None, params: dict[str, Any] | None = None,

@@ -29,10 +29,11 @@ class VersionError(_Answer):
 
 class Evaluation(_Answer):
     evaluator: str
-    metrics: dict[str, float] = {}
-    status: str | None = None
+    metrics: dict[str, float] | None = None
+    status: str | None = None  # queued, running, succeeded or failed
     created_at: datetime | None = None
-    error: Any = None
+    finished_at: datetime | None = None
+    error: str | None = None
 
 
 class Version(_Answer):
@@ -49,6 +50,7 @@ class Version(_Answer):
     finished_at: datetime | None = None
     sha256: str | None = None
     size: int | None = None
+    stream_id: str | None = None  # the stream it belongs to (an @alias may name a replay's)
     evaluations: list[Evaluation] = []
 
     @property
@@ -71,6 +73,9 @@ class Stream(_Answer):
     version_count: int = 0
     latest_version: Version | None = None
     created_at: datetime | None = None
+    replay_of: str | None = None
+    evaluator: dict[str, Any] | None = None
+    champion: dict[str, Any] | None = None
 
 
 class Accepted(_Answer):
@@ -109,8 +114,10 @@ class VersionFile(_Answer):
 
 
 class Alias(_Answer):
-    """An alias and where it points; the history of its moves is kept by the server (§3.2)."""
+    """A name for a version (``@name`` wherever a version is asked for), with every move kept (§3.2)."""
 
-    name: str | None = None
-    version: int | None = None
-    history: list[dict[str, Any]] = []
+    name: str
+    stream_id: str
+    version: int
+    updated_at: datetime | None = None
+    history: list[dict[str, Any]] = []  # {"who", "at", "from": {"stream_id", "number"} | null, "to": {...}}

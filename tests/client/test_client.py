@@ -207,3 +207,37 @@ def test_client_rides_out_a_server_that_is_down_for_a_few_seconds(tmp_path: Path
         assert c.get_stream(stream.id).name == "before"
     finally:
         stop_process(server)
+
+
+def test_aliases_evaluations_and_replays(api, tmp_path: Path) -> None:
+    c = client_for(api, tmp_path)
+    stream_id = api.new_stream()
+    base = make_base(tmp_path / "base.safetensors")
+    make_expert(base, tmp_path / "e1.safetensors", seed=1)
+    expert = c.upload_expert(stream_id, tmp_path / "e1.safetensors", name="task1").expert
+
+    alias = c.set_alias(stream_id, "prod", 0)
+    assert (alias.name, alias.stream_id, alias.version) == ("prod", stream_id, 0) and len(alias.history) == 1
+    assert c.set_alias(stream_id, "prod", 0).version == 0  # the same move again: safe to retry
+    assert [(a.name, a.version) for a in c.list_aliases(stream_id)] == [("prod", 0)]
+    assert c.get_version(stream_id, "@prod").number == 0
+    with pytest.raises(ApiError) as caught:
+        c.get_version(stream_id, "@nope")
+    assert caught.value.status == 404
+
+    evaluated = c.add_evaluation(stream_id, "@prod", "held-out", {"accuracy": 0.91, "loss": 0.3})
+    assert evaluated.number == 0
+    assert [(e.evaluator, e.metrics, e.status) for e in evaluated.evaluations] == [
+        ("held-out", {"accuracy": 0.91, "loss": 0.3}, "succeeded")
+    ]
+    assert c.get_version(stream_id, 0).evaluations[0].metrics["accuracy"] == 0.91
+    with pytest.raises(ApiError) as caught:
+        c.add_evaluation(stream_id, 0, "x", {"accuracy": "high"})
+    assert caught.value.status == 422
+
+    replay = c.create_replay(stream_id, "replay-avg", method="average", experts=[expert.id])
+    assert replay.replay_of == stream_id and replay.method == "average" and replay.id != stream_id
+    assert [v.number for v in c.list_versions(replay.id)] == [0, 1]
+    with pytest.raises(ApiError) as caught:
+        client_for(api, tmp_path, token="tok-bob").create_replay(stream_id, "theirs")
+    assert caught.value.status == 404

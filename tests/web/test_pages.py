@@ -57,6 +57,14 @@ def test_stream_page_shows_versions_lineage_and_plots_and_other_tenants_get_404(
     assert re.findall(r'data-plot="(\w+)" data-points="(\d+)"', html) == [("lambda", "0"), ("norms", "0"), ("removed", "0")]
     assert html.count('class="download"') == 1  # only the base has succeeded (no worker here)
 
+    r = api.client.post(
+        f"/v1/streams/{stream_id}/versions/0/evaluations", json={"evaluator": "probe", "metrics": {"acc": 0.5, "loss": 2.0}}, headers=alice
+    )
+    assert r.status_code == 201, r.text
+    html = api.client.get(f"/ui/streams/{stream_id}", headers=alice).text
+    assert ("evaluations", "2") in re.findall(r'data-plot="(\w+)" data-points="(\d+)"', html)
+    assert "probe: acc" in html and "probe: loss" in html
+
     state = api.client.get(f"/ui/streams/{stream_id}/state.json", headers=alice).json()
     assert [(v["number"], v["status"]) for v in state["versions"]] == [(0, "succeeded"), (1, "queued"), (2, "queued")]
     panel = api.client.get(f"/ui/streams/{stream_id}/panel", headers=alice)

@@ -18,8 +18,12 @@ from app.services.errors import CHECKPOINT_STATUS, ServiceError
 log = logging.getLogger(__name__)
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"code": code, "message": message}}, headers=headers)
+def error_response(
+    status: int, code: str, message: str, headers: dict | None = None, extra: dict | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        status_code=status, content={"error": {"code": code, "message": message, **(extra or {})}}, headers=headers
+    )
 
 
 def checkpoint_error_status(exc: Exception) -> int:
@@ -32,7 +36,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-        return error_response(exc.status_code, exc.code, exc.message, headers)
+        return error_response(exc.status_code, exc.code, exc.message, headers, getattr(exc, "extra", None))
 
     @app.exception_handler(CheckpointError)
     async def _checkpoint(_: Request, exc: Exception) -> JSONResponse:

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import torch
 
 from app.merging import safetensors_io as stio
-from app.merging.errors import CheckpointError, DtypeMismatch, InvalidParams, InvalidState, NonFiniteTensor
+from app.merging.errors import CheckpointError, InvalidParams, InvalidState, NonFiniteTensor
 from app.merging.registry import Method, get_method, parse_params
 
 # DESIGN §4: "linear" tensors are 2-D floating tensors whose name does not match this.
@@ -275,11 +275,7 @@ def _check_inputs(base: TensorSource, previous: TensorSource | None, expert: Ten
     stio.check_compatible(base, expert, what="expert")
     if previous is not None:
         stio.check_compatible(base, previous, what="previous version")
-    for name, spec in base.tensors.items():
-        if spec.is_floating and spec.dtype not in stio.MERGEABLE_DTYPES:
-            raise DtypeMismatch(
-                f"tensor {name!r} is {spec.dtype}; folds compute on F16, BF16, F32 and F64 tensors only", tensor=name
-            )
+    stio.check_mergeable(base.tensors)
 
 
 # --------------------------------------------------------------------------- the fold

@@ -442,9 +442,10 @@ class _Validator:
 def _resumed_scan(header: Any, data_start: int, start: int, tail: bytes) -> Any:
     """A NaN/Inf scan that continues at file offset ``start`` (``tail``: the durable bytes just before it)."""
     from app.merging import safetensors_io as stio
+    from app.merging.finite import FiniteScan
 
     if start <= data_start:
-        return uploads_service.FiniteScan(header, data_start)
+        return FiniteScan(header, data_start)
     rel = start - data_start
     clipped: dict[str, Any] = {}
     prefix = b""
@@ -460,7 +461,7 @@ def _resumed_scan(header: Any, data_start: int, start: int, tail: bytes) -> Any:
             clipped[name] = stio.TensorSpec(dtype=spec.dtype, shape=spec.shape, begin=aligned, end=spec.end)
         else:
             clipped[name] = spec
-    scan = uploads_service.FiniteScan(SimpleNamespace(tensors=clipped), data_start)
+    scan = FiniteScan(SimpleNamespace(tensors=clipped), data_start)
     if prefix:
         scan.feed(start - len(prefix), prefix)
     return scan

@@ -15,6 +15,7 @@ from app.api.routes.streams import _drain
 from app.schemas.errors import ErrorBody
 from app.schemas.streams import UploadAccepted, VersionPublic
 from app.schemas.uploads import FileProgress, UploadCreate, UploadSessionPublic
+from app.services import streams as streams_service
 from app.services import upload_sessions as sessions_service
 from app.services.errors import PayloadTooLarge, ServiceError
 
@@ -62,6 +63,8 @@ async def create_upload(
 ) -> Any:
     """Declare a checkpoint's files (a single .safetensors, a model folder or a LoRA adapter); nothing is sent yet."""
     settings = runtime.settings
+    # Another tenant's stream is a 404 whatever the body says.
+    await run_in_threadpool(streams_service.get_stream, session, tenant, stream_id)
     body = await _declaration(request, settings.upload_max_files * BYTES_PER_DECLARED_FILE + 64 * 1024)
     # Expired sessions are swept lazily, whenever a new one starts (and by the worker's periodic sweep).
     await run_in_threadpool(sessions_service.sweep_expired, runtime.db, store)

@@ -540,10 +540,10 @@ class _Write:
             self.header_recorded = True
         self.recorded, self.recorded_at = self.writer.received, time.monotonic()
 
-    def release(self, **values: Any) -> None:
+    def release(self, **values: Any) -> bool:
         with self.db.session() as session:
-            repo.update_leased(session, self.plan.file_id, self.plan.owner, lease_owner=None,
-                               lease_expires_at=None, updated_at=utcnow(), **values)
+            return repo.update_leased(session, self.plan.file_id, self.plan.owner, lease_owner=None,
+                                      lease_expires_at=None, updated_at=utcnow(), **values)
 
     def refuse(self) -> None:
         """The file's bytes were refused: drop what was staged; it can be sent again from byte 0."""
@@ -580,8 +580,10 @@ class _Write:
         if plan.path.lower().endswith(".json"):
             _check_json(plan.path, self.store.open_range(plan.key, 0, plan.size))
         header = self.validator.header_json if not self.header_recorded else None
-        self.release(received=plan.size, complete=True, staging=None, tail=None,
-                     **({"header": header} if header is not None else {}))
+        if not self.release(received=plan.size, complete=True, staging=None, tail=None,
+                            **({"header": header} if header is not None else {})):
+            self.store.delete(plan.key)  # the session was abandoned meanwhile: its files go
+            raise LeaseLost(f"file {plan.path!r} was abandoned or taken over by another request while this one wrote it")
 
 
 def _sha_mismatch(plan: WritePlan, actual: str) -> ServiceError:

@@ -21,6 +21,7 @@ from app.core.metrics import ApiMetrics
 from app.services.auth import sync_tokens
 from app.services.queue import CeleryFoldQueue
 from app.storage import create_store
+from app.web import routes as web
 
 log = logging.getLogger(__name__)
 
@@ -113,5 +114,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(aliases.router)
     app.include_router(replays.router)
     app.include_router(system.router)
+    web.install(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

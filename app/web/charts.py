@@ -171,7 +171,7 @@ def lineage_svg(versions: list[Any]) -> str:
         return '<p class="empty">no versions yet: push a base</p>'
     step, node_r, top = 96, 18, 40
     width = 40 + step * len(versions)
-    height = 170
+    height = 145
     x_of = {v.number: 40 + step * i for i, v in enumerate(versions)}
     edges: list[str] = []
     nodes: list[str] = []

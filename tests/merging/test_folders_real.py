@@ -117,15 +117,17 @@ def test_version_folders_load_and_equal_the_offline_merge(ckpts, tmp_path):
         model, loading = AutoModel.from_pretrained(folder, output_loading_info=True)
         assert not loading["missing_keys"] and not loading["unexpected_keys"], loading
         tokenizer = AutoTokenizer.from_pretrained(folder)
-        offline = AutoModel.from_pretrained(ckpts.base)
+        offline = AutoModel.from_pretrained(ckpts.base).eval()
+        before = minilm.embeddings(offline, tokenizer)
         offline.load_state_dict(reference)
-        got, want = minilm.embeddings(model.eval(), tokenizer), minilm.embeddings(offline.eval(), tokenizer)
+        got, want = minilm.embeddings(model.eval(), tokenizer), minilm.embeddings(offline, tokenizer)
         assert float((got - want).abs().max()) <= 1e-5
-        base_model = AutoModel.from_pretrained(ckpts.base).eval()
-        assert float((got - minilm.embeddings(base_model, tokenizer)).abs().max()) > 1e-3  # the merge moved it
+        assert float((got - before).abs().max()) > 1e-3  # the merge moved the embeddings
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+# OPCM is covered above: its versions 3 and 4 fold both adapters and are compared with the fold of
+# their merge_and_unload()-ed models (the dense references), so it is not repeated here.
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "opcm"])
 def test_every_method_folds_an_adapter_as_its_merged_model(ckpts, tmp_path, method):
     # version 1 a full expert (so OPCM's Δ is dense and well conditioned), then the rsLoRA adapter
     # with a regex target and modules_to_save (test_version_folders... folds both adapters with OPCM)

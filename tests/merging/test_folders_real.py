@@ -46,11 +46,13 @@ def task_relative_error(out: dict, ref: dict, base: dict) -> float:
 
 def fold_chain_folders(ckpts, experts, out_root, method="opcm", params=None):
     previous, state, results = None, None, []
+    digests = [checkpoint_sha256(p) for p in experts]
     for version, expert in enumerate(experts, start=1):
         result = fold_checkpoint(
             method, params, ckpts.base, previous, expert, state, out_root / f"v{version}", version, device="cpu",
             lineage={"base_model": "sentence-transformers/all-MiniLM-L6-v2",
-                     "experts": [{"name": p.name, "sha256": checkpoint_sha256(p)} for p in experts[:version]]},
+                     "experts": [{"name": p.name, "sha256": d} for p, d in zip(experts[:version], digests[:version], strict=True)],
+                     "expert_sha256": digests[version - 1]},
         )
         previous, state = result.out, result.state
         results.append(result)

@@ -774,15 +774,13 @@ def _accept_single(
 def _accept_folder(
     session: Session, store: ObjectStore, stream: Stream, upload: UploadSession, files: list[UploadFile]
 ) -> tuple[Completed, dict[str, Any]]:
-    try:
-        from app.services.checkpoints import accept_folder  # noqa: F401 - brought by branch `folders`
-    except ImportError:
-        raise ServiceError(
-            "folder uploads are not available yet: this server accepts sessions of one .safetensors file",
-            code="folder_uploads_unavailable",
-            status_code=422,
-        ) from None
-    raise ServiceError("folder uploads are not wired yet", code="folder_uploads_unavailable", status_code=422)
+    # Branch `folders` replaces this with app.services.checkpoints.accept_folder(session, store, stream,
+    # role=, name=, files=[StagedFile(path, size, sha256, key=upload_key(...))]) (see _notes/INTERFACES.md).
+    raise ServiceError(
+        "folder uploads are not available yet: this server accepts sessions of one .safetensors file",
+        code="folder_uploads_unavailable",
+        status_code=422,
+    )
 
 
 def _answer_again(session: Session, stream: Stream, result: dict[str, Any]) -> Completed:

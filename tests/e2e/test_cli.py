@@ -171,6 +171,47 @@ def test_pull_killed_halfway_continues_and_checks_sha256(tmp_path: Path, embedde
     assert sha(final)[:12] in version and not partial.exists()
 
 
+def test_push_killed_halfway_sends_only_the_rest_when_run_again(tmp_path: Path, embedded) -> None:  # noqa: ANN001
+    from mergeline.client import Client, UploadState
+
+    url, _ = embedded
+    cli = Cli(url, "tok-alice", tmp_path / "state")
+    g = torch.Generator().manual_seed(0)
+    base = {"big.bias": torch.randn(6 * 1024 * 1024, generator=g), "w.weight": torch.randn(8, 8, generator=g)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    expert = tmp_path / "e1.safetensors"
+    save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}, str(expert))
+    size = expert.stat().st_size  # 24 MiB
+    stream_id = cli.run("create", "big", "-q").stdout.strip()
+    cli.run("push", stream_id, str(tmp_path / "base.safetensors"), "--base")
+
+    state = UploadState(tmp_path / "state" / "mergeline" / "uploads.json")
+    client = Client(url, "tok-alice", state=state)
+
+    def received() -> int:
+        (session_id,) = state._load().values()
+        return sum(f.received for f in client.get_upload(stream_id, session_id).files)
+
+    slow = cli.popen("push", stream_id, str(expert), "--name", "big", "--limit-rate", "6M")
+    try:
+        wait_until(lambda: state.path.is_file() and received() > size // 3, 90, 0.1, "a third of the upload")
+        os.kill(slow.pid, signal.SIGKILL)
+        slow.wait(10)
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+    # The server keeps what arrived before the connection dropped (it may take a moment to notice).
+    before = wait_until(lambda: received() if received() > size // 4 else 0, 30, 0.2, "the kept bytes")
+    assert before < size
+
+    done = cli.run("push", stream_id, str(expert), "--name", "big")
+    assert f"resuming: the server already has {before} of {size} bytes" in done.stderr, done.stderr
+    assert f"expert big accepted: version 1 is queued (sent {size - before} of {size} bytes)" in done.stdout, done.stdout
+    assert state._load() == {}  # the finished session is forgotten
+    cli.run("watch", stream_id, "1")
+    assert client.get_version(stream_id, 1).expert.sha256 == sha(expert)
+
+
 def test_cli_flow_on_postgres_redis_and_s3(tmp_path: Path, distributed_env: dict[str, str], start_api, start_worker) -> None:
     url = start_api(distributed_env)
     start_worker(distributed_env)

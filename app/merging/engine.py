@@ -1,10 +1,12 @@
 """The streaming fold: one expert into the running merge, one tensor at a time in and out.
 
-Element-wise methods take one pass: read a tensor of the base, the previous version and the
-expert, fold it, write it. OPCM's rescale needs the norm of the whole update before any output
-tensor is final, so it takes two: pass 1 computes each tensor's unscaled update D into a float32
-scratch file while accumulating ‖D‖ and the expert's norm; pass 2 reads D back, scales it and
-writes the output. Peak memory is a few of the largest tensors whatever the model's size.
+The engine knows no method by name (the protocol is ``app.merging.protocol``). A method without
+a global step takes one pass: read a tensor of the base, the previous version and the expert,
+fold it, write it. A method with one (OPCM's rescale needs the norm of the whole update before any
+output tensor is final) takes two: pass 1 computes each tensor's update from the task vectors
+into a float32 scratch file while accumulating its norm and the expert's; the global step runs;
+pass 2 reads the updates back, finishes them and writes the output. Peak memory is a few of the
+largest tensors whatever the model's size.
 
 Everything a caller can get wrong (method, parameters, state, headers, keys, shapes, dtypes,
 NaN/Inf in the expert) is checked before the first output byte is written; the output appears
@@ -30,8 +32,18 @@ from typing import Any, Protocol
 import torch
 
 from app.merging import safetensors_io as stio
-from app.merging.errors import CheckpointError, DtypeMismatch, InvalidParams, InvalidState, NonFiniteTensor
-from app.merging.registry import Method, get_method, parse_params
+from app.merging.errors import CheckpointError, DtypeMismatch, InvalidParams, InvalidState
+from app.merging.finite import check_finite_tensor
+from app.merging.protocol import (
+    REPORTED_METRICS,
+    FoldState,
+    FoldTotals,
+    MergeMethod,
+    TensorFold,
+    TensorUpdate,
+    tensor_seed,
+)
+from app.merging.registry import get_method, parse_params
 
 # DESIGN §4: "linear" tensors are 2-D floating tensors whose name does not match this.
 DEFAULT_EMBEDDING_PATTERN = r"embed|(^|\.)(wte|wpe)(\.|$)"
@@ -240,13 +252,16 @@ def _resolve_device(device: str) -> torch.device:
     raise InvalidParams(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
 
 
-def _check_state(state: Mapping[str, Any] | None, method: Method, version: int, has_previous: bool) -> dict[str, Any]:
+def _check_state(
+    state: Mapping[str, Any] | None, method: type[MergeMethod], version: int, has_previous: bool
+) -> tuple[list[float], FoldState | None]:
+    """The carried expert norms and the method's parsed state (None for version 1)."""
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise InvalidState(f"version must be a positive integer (1 for the first expert), not {version!r}")
     if version == 1:
         if has_previous:
             raise InvalidState("version 1 folds the first expert into the base: it takes no previous version")
-        return {"expert_norms": []}
+        return [], None
     if not has_previous:
         raise InvalidState(f"version {version} needs the previous version {version - 1}")
     if not isinstance(state, Mapping):
@@ -262,13 +277,9 @@ def _check_state(state: Mapping[str, Any] | None, method: Method, version: int, 
         or not all(isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n) and n >= 0 for n in norms)
     ):
         raise InvalidState(f"the state's expert_norms must be the {version - 1} earlier experts' task-vector norms")
-    carried: dict[str, Any] = {"expert_norms": [float(n) for n in norms]}
-    if method.two_pass:
-        lam = state.get("lambda")
-        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam) or lam <= 0:
-            raise InvalidState(f"the OPCM state needs the previous fold's lambda (a positive number), got {lam!r}")
-        carried["lambda"] = float(lam)
-    return carried
+    norms = [float(n) for n in norms]
+    parsed = method.parse_state({**state, "method": method.name, "version": version - 1, "expert_norms": norms})
+    return norms, parsed
 
 
 def _check_inputs(base: TensorSource, previous: TensorSource | None, expert: TensorSource) -> None:
@@ -285,157 +296,157 @@ def _check_inputs(base: TensorSource, previous: TensorSource | None, expert: Ten
 # --------------------------------------------------------------------------- the fold
 
 
+def _compute_dtype(spec: stio.TensorSpec) -> torch.dtype:
+    return torch.float64 if spec.dtype == "F64" else torch.float32
+
+
 @dataclass
 class _Totals:
+    """The engine's own float64 sums over all floating tensors (the method keeps its own)."""
+
     expert_sq: float = 0.0
     previous_sq: float = 0.0
     cross: float = 0.0
     merged_sq: float = 0.0
     update_sq: float = 0.0
-    linear_expert_sq: float = 0.0
-    removed_sq: float = 0.0
-    projected: int = 0
-    split_ranks: list[float] = field(default_factory=list)
 
 
-def _compute_dtype(spec: stio.TensorSpec) -> torch.dtype:
-    return torch.float64 if spec.dtype == "F64" else torch.float32
+@dataclass
+class _FoldInputs:
+    """Everything one fold reads and writes, checked; the passes below take only this."""
+
+    method: MergeMethod
+    pattern: re.Pattern[str]
+    base: TensorSource
+    previous: TensorSource | None
+    expert: TensorSource
+    version: int
+    carried_norms: list[float]
+    device: torch.device
+    sink: Any
+    progress: _Progress
+    svd_method: str
+    check_expert: bool  # the expert was not checked for NaN/Inf before the fold: check as it is read
+    seed_context: str
+    expert_sha256: str
+    totals: _Totals = field(default_factory=_Totals)
+
+    @property
+    def floating(self) -> list[str]:
+        return [n for n in self.base.names() if self.base.tensors[n].is_floating]
+
+    def load(self, source: TensorSource, name: str) -> torch.Tensor:
+        return source.read(name).to(device=self.device, dtype=_compute_dtype(self.base.tensors[name]))
+
+    def is_linear(self, name: str) -> bool:
+        return len(self.base.tensors[name].shape) == 2 and not self.pattern.search(name)
+
+    def seed(self, name: str) -> int:
+        return tensor_seed(self.seed_context, self.expert_sha256, name)
+
+    def write(self, name: str, merged: torch.Tensor, b: torch.Tensor, phase: str) -> None:
+        out = merged.to(dtype=stio.DTYPES[self.base.tensors[name].dtype][0])
+        self.totals.merged_sq += squared_distance(out, b)
+        self.sink.write(name, out)
+        self.progress.advance(phase, self.base.tensors[name].numel)
 
 
-def _fold(
-    *,
-    method: Method,
-    hyper: dict[str, Any],
-    pattern: re.Pattern[str],
-    base: TensorSource,
-    previous: TensorSource | None,
-    expert: TensorSource,
-    carried: dict[str, Any],
-    version: int,
-    device: torch.device,
-    sink: Any,
-    scratch_factory: Callable[[], Any],
-    progress: _Progress,
-    svd_method: str,
-    expert_checked: bool,
-) -> tuple[dict[str, Any], dict[str, float]]:
-    totals = _Totals()
-    names = base.names()
-    floating = {n for n in names if base.tensors[n].is_floating}
+def _one_pass(f: _FoldInputs) -> None:
+    """Read each tensor of the base, the previous version and the expert; fold it; write it."""
+    totals = f.totals
+    for name in f.base.names():
+        stored = f.base.read(name)
+        if not f.base.tensors[name].is_floating:
+            f.sink.write(name, stored)
+            continue
+        b = stored.to(device=f.device, dtype=_compute_dtype(f.base.tensors[name]))
+        del stored
+        e = f.load(f.expert, name)
+        p = f.load(f.previous, name) if f.previous is not None else None
+        totals.expert_sq += squared_distance(e, b)
+        if p is not None:
+            totals.previous_sq += squared_distance(p, b)
+            totals.cross += inner(e - b, p - b)
+        x = TensorFold(name, f.seed(name), f.is_linear(name), f.version, b, p, e, f.svd_method)
+        merged = f.method.fold_tensor(x)
+        del x, e, p
+        f.write(name, merged, b, "fold")
 
-    def load(source: TensorSource, name: str) -> torch.Tensor:
-        return source.read(name).to(device=device, dtype=_compute_dtype(base.tensors[name]))
 
-    def is_linear(name: str) -> bool:
-        return len(base.tensors[name].shape) == 2 and not pattern.search(name)
+def _update_pass(f: _FoldInputs, scratch: Any) -> None:
+    """Pass 1 of a fold with a global step: each tensor's update from τ_t and Δ, kept in ``scratch``."""
+    totals = f.totals
+    for name in f.floating:
+        b = f.load(f.base, name)
+        delta = f.load(f.previous, name).sub_(b)  # type: ignore[arg-type]
+        task = f.load(f.expert, name)
+        if f.check_expert:
+            check_finite_tensor(task, name, what="the expert's tensor")
+        task.sub_(b)
+        del b
+        task_sq = squared_norm(task)
+        totals.expert_sq += task_sq
+        totals.previous_sq += squared_norm(delta)
+        totals.cross += inner(task, delta)
+        x = TensorUpdate(name, f.seed(name), f.is_linear(name), f.version, task, delta, task_sq, f.svd_method)
+        update = f.method.update_tensor(x)
+        del x, delta, task
+        totals.update_sq += squared_norm(update)
+        scratch.put(name, update)
+        del update
+        f.progress.advance("pass1", f.base.tensors[name].numel)
 
-    two_pass = method.two_pass and version >= 2
-    # OPCM's pass 1 writes only the scratch file, so it can check the expert as it reads it
-    checked_in_pass1 = two_pass and not expert_checked
-    if not two_pass:
-        for name in names:
-            stored = base.read(name)
-            if name not in floating:
-                sink.write(name, stored)
-                continue
-            b = stored.to(device=device, dtype=_compute_dtype(base.tensors[name]))
-            del stored
-            e = load(expert, name)
-            p = load(previous, name) if previous is not None else None
-            totals.expert_sq += squared_distance(e, b)
-            if p is not None:
-                totals.previous_sq += squared_distance(p, b)
-                totals.cross += inner(e - b, p - b)
-            if method.two_pass:  # OPCM's version 1 is the first expert itself
-                merged = e
-            else:
-                merged = method.fold_tensor(b, p, e, t=version, **hyper)
-            del e, p
-            out = merged.to(dtype=stio.DTYPES[base.tensors[name].dtype][0])
-            totals.merged_sq += squared_distance(out, b)
-            sink.write(name, out)
-            progress.advance("fold", base.tensors[name].numel)
-        lam = 1.0
-    else:
-        lam_prev = carried["lambda"]
+
+def _finish_pass(f: _FoldInputs, scratch: Any) -> None:
+    """Pass 2 of a fold with a global step: each tensor's output from its update and the base."""
+    for name in f.base.names():
+        stored = f.base.read(name)
+        if not f.base.tensors[name].is_floating:
+            f.sink.write(name, stored)
+            continue
+        b = stored.to(device=f.device, dtype=_compute_dtype(f.base.tensors[name]))
+        del stored
+        merged = f.method.finish_tensor(scratch.get(name), b)
+        f.write(name, merged, b, "pass2")
+        del merged
+
+
+def _fold(f: _FoldInputs, scratch_factory: Callable[[], Any]) -> tuple[dict[str, Any], dict[str, float]]:
+    if f.method.has_global_step:
         scratch = scratch_factory()
         try:
-            for name in names:
-                if name not in floating:
-                    continue
-                b = load(base, name)
-                delta = load(previous, name).sub_(b)
-                task = load(expert, name)
-                if checked_in_pass1:
-                    _raise_if_not_finite(task, name)
-                task.sub_(b)
-                del b
-                expert_sq = squared_norm(task)
-                totals.expert_sq += expert_sq
-                totals.previous_sq += squared_norm(delta)
-                totals.cross += inner(task, delta)
-                linear = is_linear(name)
-                if linear:
-                    totals.linear_expert_sq += expert_sq
-                update, r, removed_sq = method.fold_tensor(
-                    delta, task, lambda_prev=lam_prev, linear=linear, svd_method=svd_method, inplace=True, **hyper
-                )
-                del delta, task
-                if r is not None:
-                    totals.projected += 1
-                    totals.removed_sq += removed_sq
-                    totals.split_ranks.append(r / min(base.tensors[name].shape))
-                totals.update_sq += squared_norm(update)
-                scratch.put(name, update)
-                del update
-                progress.advance("pass1", base.tensors[name].numel)
-            norms = [*carried["expert_norms"], math.sqrt(totals.expert_sq)]
-            mean_norm = sum(norms) / len(norms)
-            nu = math.sqrt(totals.update_sq)
-            if not math.isfinite(nu):
-                raise NonFiniteTensor("the fold's update is not finite: the base or the previous version holds NaN/Inf")
-            lam = nu / mean_norm if nu > 0 and mean_norm > 0 else lam_prev
-            for name in names:
-                stored = base.read(name)
-                if name not in floating:
-                    sink.write(name, stored)
-                    continue
-                b = stored.to(device=device, dtype=_compute_dtype(base.tensors[name]))
-                del stored
-                merged = scratch.get(name).to(device=device, dtype=b.dtype).div_(lam).add_(b)
-                out = merged.to(dtype=stio.DTYPES[base.tensors[name].dtype][0])
-                del merged
-                totals.merged_sq += squared_distance(out, b)
-                sink.write(name, out)
-                progress.advance("pass2", base.tensors[name].numel)
+            _update_pass(f, scratch)
+            f.method.global_step(FoldTotals([*f.carried_norms, math.sqrt(f.totals.expert_sq)], f.totals.update_sq))
+            _finish_pass(f, scratch)
         finally:
             scratch.close()
+    else:
+        _one_pass(f)
+    return _summary(f)
 
-    norms = [*carried["expert_norms"], math.sqrt(totals.expert_sq)]
-    state: dict[str, Any] = {"method": method.name, "version": version, "expert_norms": norms}
-    if method.two_pass:
-        state["lambda"] = lam
+
+def _summary(f: _FoldInputs) -> tuple[dict[str, Any], dict[str, float]]:
+    """The state to carry and the version's metrics."""
+    totals = f.totals
+    norms = [*f.carried_norms, math.sqrt(totals.expert_sq)]
+    state = f.method.carried_state({"method": f.method.name, "version": f.version, "expert_norms": norms})
     denominator = math.sqrt(totals.expert_sq * totals.previous_sq)
     metrics = {
-        "lambda": lam,
+        **REPORTED_METRICS,
         "merged_task_norm": math.sqrt(totals.merged_sq),
         "expert_task_norm": math.sqrt(totals.expert_sq),
         "mean_expert_norm": sum(norms) / len(norms),
-        "removed_fraction": totals.removed_sq / totals.linear_expert_sq if totals.linear_expert_sq > 0 else 0.0,
         "cosine_previous": totals.cross / denominator if denominator > 0 else 0.0,
         "previous_task_norm": math.sqrt(totals.previous_sq),
-        "projected_tensors": float(totals.projected),
-        "mean_split_rank_fraction": (
-            sum(totals.split_ranks) / len(totals.split_ranks) if totals.split_ranks else 0.0
-        ),
+        **f.method.metrics(),
     }
     return state, metrics
 
 
-def _phases(method: Method, version: int, base: TensorSource, check_expert: bool) -> tuple[dict[str, float], dict[str, int]]:
+def _phases(method: MergeMethod, base: TensorSource, check_expert: bool) -> tuple[dict[str, float], dict[str, int]]:
     units = sum(s.numel for s in base.tensors.values() if s.is_floating)
     phases: dict[str, float] = {"check": 0.05} if check_expert else {}
-    if method.two_pass and version >= 2:
+    if method.has_global_step:
         phases.update({"pass1": 0.8, "pass2": 0.15})
     else:
         phases["fold"] = 0.95
@@ -443,17 +454,23 @@ def _phases(method: Method, version: int, base: TensorSource, check_expert: bool
 
 
 def _prepare(
-    method: str, params: Mapping[str, Any] | None, embedding_pattern: str | None
-) -> tuple[Method, dict[str, Any], dict[str, Any], re.Pattern[str]]:
-    spec = get_method(method)
+    method: str,
+    params: Mapping[str, Any] | None,
+    embedding_pattern: str | None,
+    state: Mapping[str, Any] | None,
+    version: int,
+    has_previous: bool,
+) -> tuple[MergeMethod, dict[str, Any], list[float], re.Pattern[str]]:
+    """The method set up for this fold, the parameters to record, the carried norms, the linear pattern."""
+    cls = get_method(method)
     params = dict(params or {}) if isinstance(params, Mapping) or params is None else params
-    if embedding_pattern is not None and "embedding_pattern" in spec.params.model_fields:
+    if embedding_pattern is not None and "embedding_pattern" in cls.Params.model_fields:
         params = {**params, "embedding_pattern": embedding_pattern}
     model = parse_params(method, params)
     stored = model.model_dump(by_alias=True, exclude_none=True)
-    hyper = model.model_dump()
-    pattern = re.compile(hyper.pop("embedding_pattern", None) or DEFAULT_EMBEDDING_PATTERN)
-    return spec, stored, hyper, pattern
+    pattern = re.compile(getattr(model, "embedding_pattern", None) or DEFAULT_EMBEDDING_PATTERN)
+    norms, parsed_state = _check_state(state, cls, version, has_previous)
+    return cls(model, parsed_state, version), stored, norms, pattern
 
 
 def fold_checkpoint(
@@ -473,6 +490,7 @@ def fold_checkpoint(
     *,
     max_header_bytes: int = stio.DEFAULT_MAX_HEADER_BYTES,
     svd_method: str = "auto",
+    seed_context: str | None = None,
 ) -> FoldResult:
     """Fold one expert checkpoint into the running merge, producing version ``version``.
 
@@ -481,12 +499,15 @@ def fold_checkpoint(
     The output takes the base's form and dtypes and is written to ``out`` atomically, with the
     method, its parameters, the version and ``lineage`` (sha256 of parent and expert, computed
     when not given) in its safetensors metadata under ``mergeline.*`` keys.
+    ``seed_context`` (default: ``lineage["stream"]``, else "") and the expert's sha256 seed each
+    tensor's random generator, so a redone fold writes the same bytes.
     Raises a ``CheckpointError`` subclass, before writing anything, for any bad input.
     """
     started = time.perf_counter()
     _bound_allocator()
-    spec, stored_params, hyper, pattern = _prepare(method, params, embedding_pattern)
-    carried = _check_state(state, spec, version, previous is not None)
+    fold_method, stored_params, norms, pattern = _prepare(
+        method, params, embedding_pattern, state, version, previous is not None
+    )
     torch_device = _resolve_device(device)
     out = Path(out)
     with contextlib.ExitStack() as stack:
@@ -498,9 +519,9 @@ def fold_checkpoint(
             else None
         )
         _check_inputs(base_ck, previous_ck, expert_ck)
-        # OPCM from version 2 checks the expert during pass 1, which writes no output
-        pre_check = not (spec.two_pass and version >= 2)
-        phases, totals = _phases(spec, version, base_ck, check_expert=pre_check)
+        # a fold with a global step checks the expert during pass 1, which writes no output
+        pre_check = not fold_method.has_global_step
+        phases, totals = _phases(fold_method, base_ck, check_expert=pre_check)
         tracker = _Progress(progress, phases, totals)
         if pre_check:
             _check_finite(expert_ck, tracker)
@@ -509,42 +530,33 @@ def fold_checkpoint(
         lineage.setdefault("parent_sha256", stio.file_sha256(previous if previous is not None else base))
         lineage.setdefault("expert_sha256", stio.file_sha256(expert))
         metadata = {
-            "mergeline.method": spec.name,
+            "mergeline.method": fold_method.name,
             "mergeline.params": json.dumps(stored_params, sort_keys=True),
             "mergeline.version": str(version),
             **{f"mergeline.{key}": str(value) for key, value in lineage.items()},
         }
         scratch_root = Path(scratch_dir) if scratch_dir is not None else out.parent
         with stio.CheckpointWriter(out, base_ck, metadata=metadata) as writer:
-            new_state, metrics = _fold(
-                method=spec,
-                hyper=hyper,
+            inputs = _FoldInputs(
+                method=fold_method,
                 pattern=pattern,
                 base=base_ck,
                 previous=previous_ck,
                 expert=expert_ck,
-                carried=carried,
                 version=version,
+                carried_norms=norms,
                 device=torch_device,
                 sink=writer,
-                scratch_factory=_scratch_for(torch_device, base_ck, scratch_root),
                 progress=tracker,
                 svd_method=svd_method,
-                expert_checked=pre_check,
+                check_expert=not pre_check,
+                seed_context=seed_context if seed_context is not None else str(lineage.get("stream", "")),
+                expert_sha256=str(lineage["expert_sha256"]),
             )
+            new_state, metrics = _fold(inputs, _scratch_for(torch_device, base_ck, scratch_root))
     metrics["seconds"] = time.perf_counter() - started
     tracker.finish()
     return FoldResult(out=out, state=new_state, metrics=metrics, sha256=writer.sha256, size=writer.size)
-
-
-def _raise_if_not_finite(tensor: torch.Tensor, name: str) -> None:
-    finite = torch.isfinite(tensor)
-    if not bool(finite.all()):
-        bad = int(finite.numel() - finite.sum())
-        nans = int(torch.isnan(tensor).sum())
-        raise NonFiniteTensor(
-            f"the expert's tensor {name!r} has {bad} non-finite value(s) ({nans} NaN, {bad - nans} Inf)", tensor=name
-        )
 
 
 def _check_finite(expert: stio.Checkpoint, tracker: _Progress) -> None:
@@ -552,7 +564,7 @@ def _check_finite(expert: stio.Checkpoint, tracker: _Progress) -> None:
         spec = expert.tensors[name]
         if spec.dtype not in stio.FLOATING_DTYPES:
             continue
-        _raise_if_not_finite(expert.read(name), name)
+        check_finite_tensor(expert.read(name), name, what="the expert's tensor")
         tracker.advance("check", spec.numel)
 
 
@@ -568,34 +580,35 @@ def fold_state_dicts(
     device: str = "cpu",
     embedding_pattern: str | None = None,
     svd_method: str = "auto",
+    seed_context: str = "",
+    expert_sha256: str = "",
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, float]]:
     """The same fold on in-memory state dicts: (merged state dict, new state, metrics)."""
     started = time.perf_counter()
-    spec, _, hyper, pattern = _prepare(method, params, embedding_pattern)
-    carried = _check_state(state, spec, version, previous is not None)
+    fold_method, _, norms, pattern = _prepare(method, params, embedding_pattern, state, version, previous is not None)
     sources = [_DictSource(base), _DictSource(previous) if previous is not None else None, _DictSource(expert)]
     _check_inputs(sources[0], sources[1], sources[2])
     for name, tensor in expert.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise NonFiniteTensor(f"the expert's tensor {name!r} has non-finite values", tensor=name)
+        check_finite_tensor(tensor, name, what="the expert's tensor")
     sink = _DictSink()
-    phases, totals = _phases(spec, version, sources[0], check_expert=False)
-    new_state, metrics = _fold(
-        method=spec,
-        hyper=hyper,
+    phases, totals = _phases(fold_method, sources[0], check_expert=False)
+    inputs = _FoldInputs(
+        method=fold_method,
         pattern=pattern,
         base=sources[0],
         previous=sources[1],
         expert=sources[2],
-        carried=carried,
         version=version,
+        carried_norms=norms,
         device=_resolve_device(device),
         sink=sink,
-        scratch_factory=_DictScratch,
         progress=_Progress(None, phases, totals),
         svd_method=svd_method,
-        expert_checked=True,
+        check_expert=False,
+        seed_context=seed_context,
+        expert_sha256=expert_sha256,
     )
+    new_state, metrics = _fold(inputs, _DictScratch)
     metrics["seconds"] = time.perf_counter() - started
     return dict(sink), new_state, metrics
 

@@ -2,45 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
 from app.merging.errors import InvalidParams
-from app.merging.methods.average import AverageParams, average_fold
-from app.merging.methods.magmax import MagMaxParams, magmax_fold
-from app.merging.methods.opcm import OPCMParams, opcm_update
-from app.merging.methods.task_arithmetic import TaskArithmeticParams, task_arithmetic_fold
-from app.merging.methods.ties import TiesParams, ties_fold
+from app.merging.methods.average import Average
+from app.merging.methods.magmax import MagMax
+from app.merging.methods.opcm import OPCM
+from app.merging.methods.task_arithmetic import TaskArithmetic
+from app.merging.methods.ties import Ties
+from app.merging.protocol import MergeMethod
 
-
-@dataclass(frozen=True)
-class Method:
-    """A merge method: its parameter model and its pure per-tensor function.
-
-    ``fold_tensor`` is ``(base, previous | None, expert, *, t, **params) -> merged`` for the
-    element-wise methods, which stream in one pass. OPCM's function is its unscaled update D,
-    which the engine folds in two passes because of the global rescale (``two_pass``).
-    """
-
-    name: str
-    params: type[BaseModel]
-    fold_tensor: Callable[..., Any]
-    two_pass: bool = False
-
-
-METHODS: dict[str, Method] = {
-    "opcm": Method("opcm", OPCMParams, opcm_update, two_pass=True),
-    "average": Method("average", AverageParams, average_fold),
-    "task_arithmetic": Method("task_arithmetic", TaskArithmeticParams, task_arithmetic_fold),
-    "ties": Method("ties", TiesParams, ties_fold),
-    "magmax": Method("magmax", MagMaxParams, magmax_fold),
+# One line per method: the key is the stream's ``method`` and the module's name.
+METHODS: dict[str, type[MergeMethod]] = {
+    "opcm": OPCM,
+    "average": Average,
+    "task_arithmetic": TaskArithmetic,
+    "ties": Ties,
+    "magmax": MagMax,
 }
 
+# The name older code imported: a method is its MergeMethod class.
+Method = MergeMethod
 
-def get_method(name: str) -> Method:
+
+def get_method(name: str) -> type[MergeMethod]:
     try:
         return METHODS[name]
     except (KeyError, TypeError):
@@ -60,7 +48,7 @@ def _sentence(method: str, error: ValidationError) -> str:
 
 def parse_params(method: str, params: Mapping[str, Any] | None) -> BaseModel:
     """The method's parameter model, validated; InvalidParams with a readable sentence otherwise."""
-    model = get_method(method).params
+    model = get_method(method).Params
     if params is None:
         params = {}
     if not isinstance(params, Mapping):

@@ -31,11 +31,12 @@ from app.merging.errors import (
     DtypeMismatch,
     HeaderTooLarge,
     KeyMismatch,
-    NonFiniteTensor,
+    NonFiniteTensor,  # noqa: F401 - re-exported: callers catch stio.NonFiniteTensor
     NotSafetensors,
     ShapeMismatch,
     TruncatedCheckpoint,
 )
+from app.merging.finite import check_finite_tensor
 
 if sys.byteorder != "little":  # safetensors is little-endian; tensors are read straight into memory
     raise ImportError("app.merging.safetensors_io needs a little-endian machine")
@@ -410,16 +411,7 @@ def check_finite(path: str | os.PathLike[str] | Checkpoint) -> None:
         for name in checkpoint.names():
             if checkpoint.tensors[name].dtype not in FLOATING_DTYPES:
                 continue
-            tensor = checkpoint.read(name)
-            if tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                tensor = tensor.float()
-            finite = torch.isfinite(tensor)
-            if not bool(finite.all()):
-                bad = int(finite.numel() - finite.sum())
-                nans = int(torch.isnan(tensor).sum())
-                raise NonFiniteTensor(
-                    f"tensor {name!r} has {bad} non-finite value(s) ({nans} NaN, {bad - nans} Inf)", tensor=name
-                )
+            check_finite_tensor(checkpoint.read(name), name)
     finally:
         if checkpoint is not path:
             checkpoint.close()

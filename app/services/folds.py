@@ -147,76 +147,35 @@ def fold_version(ctx: FoldContext, version_id: str, *, owner: str | None = None)
     return _fold_claimed(ctx, version_id, owner)
 
 
+@dataclass
+class _FoldInputs:
+    """What one fold reads from the database: the rows, and the engine's fold index."""
+
+    version: Any
+    stream: Any
+    expert: Any
+    parent: Any
+    fold_index: int
+    # The stream whose stored base object the fold reads: the stream itself, or a replay's origin.
+    base_stream_id: str = ""
+
+
 def _fold_claimed(ctx: FoldContext, version_id: str, owner: str) -> str:
-    from app.merging import CheckpointError, fold_checkpoint
+    from app.merging import CheckpointError
 
     heartbeat = _Heartbeat(ctx, version_id, owner)
     heartbeat.start()
     scratch = Path(ctx.settings.work_dir or "var/work") / "folds" / f"{version_id}-{owner[:12]}"
     scratch.mkdir(parents=True, exist_ok=True)
     try:
-        with ctx.db.session() as session:
-            version = versions_repo.get(session, version_id)
-            stream = streams_repo.get(session, version.stream_id)
-            expert = experts_repo.get(session, version.expert_id)
-            parent = versions_repo.get(session, version.parent_id)
-            # The engine's fold index: the version number, less the versions an operator skipped.
-            fold_index = versions_repo.folds_before(session, parent) + 1
-        number = version.number
-        base = _materialize(ctx.store, base_key(stream.id), scratch / "base.safetensors")
-        previous = (
-            _materialize(ctx.store, parent.object_key, scratch / "previous.safetensors") if fold_index > 1 else None
-        )
-        expert_path = _materialize(ctx.store, expert.object_key, scratch / "expert.safetensors")
-
-        paced_from, min_seconds = time.monotonic(), ctx.settings.fold_min_seconds
-
-        def progress(fraction: float) -> None:
-            if heartbeat.lost:
-                raise LeaseLost(version_id)
-            heartbeat.progress = min(max(float(fraction), 0.0), 0.999)
-            if min_seconds:  # pacing for fault-injection tests: `fold_min_seconds`
-                ahead = paced_from + min_seconds * fraction - time.monotonic()
-                if ahead > 0:
-                    time.sleep(ahead)
-
-        result = fold_checkpoint(
-            method=stream.method,
-            params=stream.params,
-            base=base,
-            previous=previous,
-            expert=expert_path,
-            state=parent.state if fold_index > 1 else None,
-            out=scratch / "out.safetensors",
-            version=fold_index,
-            device=ctx.settings.device,
-            progress=progress,
-            lineage={"parent_sha256": parent.sha256, "expert_sha256": expert.sha256, "stream": stream.id},
-            scratch_dir=scratch,
-        )
+        inputs = _read_inputs(ctx, version_id)
+        result = _run_fold(ctx, inputs, heartbeat, scratch)
         if heartbeat.lost:
             raise LeaseLost(version_id)
-        key = version_key(stream.id, number)
-        # Deterministic key: a redone fold rewrites the same bytes; the row flips only after this.
-        ctx.store.put_file(key, Path(result.out), move=True)
-        with ctx.db.session() as session:
-            done = versions_repo.finish(
-                session,
-                version_id,
-                owner=owner,
-                status=VersionStatus.succeeded,
-                progress=1.0,
-                object_key=key,
-                sha256=result.sha256,
-                size=result.size,
-                state=_jsonable(result.state),
-                metrics=_jsonable(result.metrics),
-                finished_at=utcnow(),
-            )
-        if not done:
+        if not _store_and_record(ctx, inputs, owner, result):
             return "lease_lost"
         try:
-            _send_next(ctx, stream.id, number)
+            _send_next(ctx, inputs.stream.id, inputs.version.number)
         except Exception:  # the version is done; the stall sweep sends the next one
             log.warning("could not send the fold after version %s", version_id, exc_info=True)
         return "succeeded"
@@ -239,6 +198,88 @@ def _fold_claimed(ctx: FoldContext, version_id: str, owner: str) -> str:
     finally:
         heartbeat.stop()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _read_inputs(ctx: FoldContext, version_id: str) -> _FoldInputs:
+    with ctx.db.session() as session:
+        version = versions_repo.get(session, version_id)
+        stream = streams_repo.get(session, version.stream_id)
+        # A replay's expert reuses its source's stored objects (the source's row), and its base its origin's.
+        expert = experts_repo.stored(session, experts_repo.get(session, version.expert_id))
+        base_stream_id = streams_repo.origin_id(session, stream)
+        parent = versions_repo.get(session, version.parent_id)
+        # The engine's fold index: the version number, less the versions an operator skipped.
+        fold_index = versions_repo.folds_before(session, parent) + 1
+    return _FoldInputs(
+        version=version, stream=stream, expert=expert, parent=parent, fold_index=fold_index, base_stream_id=base_stream_id
+    )
+
+
+def _progress_callback(ctx: FoldContext, heartbeat: _Heartbeat, version_id: str) -> Any:
+    paced_from, min_seconds = time.monotonic(), ctx.settings.fold_min_seconds
+
+    def progress(fraction: float) -> None:
+        if heartbeat.lost:
+            raise LeaseLost(version_id)
+        heartbeat.progress = min(max(float(fraction), 0.0), 0.999)
+        if min_seconds:  # pacing for fault-injection tests: `fold_min_seconds`
+            ahead = paced_from + min_seconds * fraction - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+
+    return progress
+
+
+def _run_fold(ctx: FoldContext, inputs: _FoldInputs, heartbeat: _Heartbeat, scratch: Path) -> Any:
+    """Fetch the inputs into ``scratch`` (or read them in place) and run the engine."""
+    from app.merging import fold_checkpoint
+
+    stream, expert, parent, fold_index = inputs.stream, inputs.expert, inputs.parent, inputs.fold_index
+    base = _materialize(ctx.store, base_key(inputs.base_stream_id or stream.id), scratch / "base.safetensors")
+    previous = (
+        _materialize(ctx.store, parent.object_key, scratch / "previous.safetensors") if fold_index > 1 else None
+    )
+    expert_path = _materialize(ctx.store, expert.object_key, scratch / "expert.safetensors")
+    return fold_checkpoint(
+        method=stream.method,
+        params=stream.params,
+        base=base,
+        previous=previous,
+        expert=expert_path,
+        state=parent.state if fold_index > 1 else None,
+        out=scratch / "out.safetensors",
+        version=fold_index,
+        device=ctx.settings.device,
+        progress=_progress_callback(ctx, heartbeat, inputs.version.id),
+        lineage={"parent_sha256": parent.sha256, "expert_sha256": expert.sha256, "stream": stream.id},
+        scratch_dir=scratch,
+    )
+
+
+def _store_and_record(ctx: FoldContext, inputs: _FoldInputs, owner: str, result: Any) -> bool:
+    """Upload the output, then flip the row to succeeded (False: the lease was lost meanwhile)."""
+    key = version_key(inputs.stream.id, inputs.version.number)
+    # Deterministic key: a redone fold rewrites the same bytes; the row flips only after this.
+    ctx.store.put_file(key, Path(result.out), move=True)
+    with ctx.db.session() as session:
+        done = versions_repo.finish(
+            session,
+            inputs.version.id,
+            owner=owner,
+            status=VersionStatus.succeeded,
+            progress=1.0,
+            object_key=key,
+            sha256=result.sha256,
+            size=result.size,
+            state=_jsonable(result.state),
+            metrics=_jsonable(result.metrics),
+            finished_at=utcnow(),
+        )
+        if done:  # the stream's evaluator runs as a task of its own, sent after this commit: it never touches the version
+            from app.services.evaluations import queue_plugin_evaluation
+
+            queue_plugin_evaluation(session, ctx.queue, inputs.version.id)
+        return done
 
 
 def _materialize(store: ObjectStore, key: str, dest: Path) -> Path:

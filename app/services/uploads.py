@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import math
 import tempfile
 import warnings
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from sqlalchemy.orm import Session
 
@@ -28,6 +27,9 @@ from app.repositories import versions as versions_repo
 from app.services.errors import Conflict, PayloadTooLarge, ServiceError
 from app.services.queue import FoldQueue, fold_after_commit
 from app.storage import ObjectStore, base_key, expert_key
+
+if TYPE_CHECKING:
+    from app.merging.finite import FiniteScan
 
 log = logging.getLogger(__name__)
 
@@ -53,69 +55,14 @@ class SpooledCheckpoint:
         self.path.unlink(missing_ok=True)
 
 
-class FiniteScan:
-    """Checks every floating tensor for NaN/Inf as its bytes stream past.
+def __getattr__(name: str) -> Any:
+    # The scanner lives in app.merging.finite (one NaN/Inf check for engine and uploads); loaded on
+    # first use so that importing this module does not import torch.
+    if name == "FiniteScan":
+        from app.merging.finite import FiniteScan
 
-    Bounded memory and no second read of the file: each block is viewed in place as
-    tensor elements (an element split across two blocks is carried over, at most 7 bytes).
-    """
-
-    def __init__(self, header: Any, data_start: int) -> None:
-        from app.merging import safetensors_io as stio
-
-        self._stio = stio
-        self.ranges = sorted(
-            (data_start + spec.begin, data_start + spec.end, name, *stio.DTYPES[spec.dtype])
-            for name, spec in header.tensors.items()
-            if spec.dtype in stio.FLOATING_DTYPES and spec.end > spec.begin
-        )
-        self.index = 0
-        self.carry = b""
-
-    def feed(self, pos: int, block: bytearray | bytes) -> None:
-        """Scan ``block``, which holds bytes ``[pos, pos + len(block))`` of the file."""
-        end = pos + len(block)
-        view = memoryview(block)
-        while self.index < len(self.ranges):
-            begin, stop, name, dtype, size = self.ranges[self.index]
-            if begin >= end:
-                return
-            lo, hi = max(begin, pos), min(stop, end)
-            segment = view[lo - pos : hi - pos]
-            if self.carry:  # complete the element split across the previous block's end
-                need = size - len(self.carry)
-                if len(segment) < need:
-                    self.carry += bytes(segment)
-                    return
-                self._check(bytearray(self.carry) + segment[:need], dtype, name)
-                segment = segment[need:]
-                self.carry = b""
-            aligned = len(segment) - len(segment) % size
-            if aligned:
-                self._check(segment[:aligned], dtype, name)
-            self.carry = bytes(segment[aligned:])
-            if stop > end:
-                return
-            self.index += 1
-            self.carry = b""
-
-    def _check(self, data: Any, dtype: Any, name: str) -> None:
-        import torch
-
-        values = torch.frombuffer(data, dtype=dtype)
-        if values.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            values = values.float()
-        # min and max propagate NaN and are +-Inf if any value is: exact, and ~10x faster
-        # than isfinite().all(), which materializes a mask. Count only on failure.
-        low, high = torch.aminmax(values)
-        if not (math.isfinite(float(low)) and math.isfinite(float(high))):
-            finite = torch.isfinite(values)
-            bad = int(finite.numel() - finite.sum())
-            nans = int(torch.isnan(values).sum())
-            raise self._stio.NonFiniteTensor(
-                f"tensor {name!r} has non-finite values ({bad} in one block: {nans} NaN, {bad - nans} Inf)",
-                tensor=name,
-            )
+        return FiniteScan
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _hash_chunks(hasher: Any, chunks: list[bytes]) -> None:
@@ -151,6 +98,7 @@ async def spool_checkpoint(
 ) -> SpooledCheckpoint:
     """Receive a safetensors body: header checks first, then the bytes to disk while hashing them."""
     from app.merging import safetensors_io as stio
+    from app.merging.finite import FiniteScan
 
     if declared_length is not None and declared_length > max_upload_bytes:
         raise PayloadTooLarge(
@@ -325,6 +273,10 @@ def accept_base(session: Session, store: ObjectStore, stream: Stream, spooled: S
     store.put_file(key, spooled.path, move=True)
     on_rollback(session, lambda: store.delete(key))
     session.refresh(stream)
+    if stream.champion:
+        from app.services.replays import follow_base
+
+        follow_base(session, stream)
     return version
 
 
@@ -375,6 +327,10 @@ def accept_expert(
         Version(stream_id=stream.id, number=number, parent_id=parent.id, expert_id=expert.id),
     )
     fold_after_commit(session, queue, version.id)
+    if stream.champion:
+        from app.services.replays import follow_expert
+
+        follow_expert(session, queue, stream, expert)
     return expert, version, True
 
 

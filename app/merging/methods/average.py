@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from app.merging.protocol import MergeMethod, TensorFold
+
 
 class AverageParams(BaseModel):
     """``average`` has no hyper-parameters."""
@@ -27,3 +29,13 @@ every element-wise method takes the same arguments.
     if t == 1 or previous is None:
         return expert.clone()
     return ((t - 1) * previous + expert) / t
+
+
+class Average(MergeMethod):
+    """Running average as a one-pass fold: :func:`average_fold` on every floating tensor."""
+
+    name = "average"
+    Params = AverageParams
+
+    def fold_tensor(self, x: TensorFold) -> Tensor:
+        return average_fold(x.base, x.previous, x.expert, t=x.t)

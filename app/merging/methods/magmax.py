@@ -6,6 +6,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from app.merging.protocol import MergeMethod, TensorFold
+
 
 class MagMaxParams(BaseModel):
     """``s``: the scale applied to the max-magnitude task vector."""
@@ -37,3 +39,13 @@ def magmax_fold(base: Tensor, previous: Tensor | None, expert: Tensor, *, t: int
         kept = (previous - base) / s
         task = torch.where(task.abs() >= kept.abs(), task, kept)
     return base + s * task
+
+
+class MagMax(MergeMethod):
+    """MagMax as a one-pass fold: :func:`magmax_fold` on every floating tensor."""
+
+    name = "magmax"
+    Params = MagMaxParams
+
+    def fold_tensor(self, x: TensorFold) -> Tensor:
+        return magmax_fold(x.base, x.previous, x.expert, t=x.t, s=self.params.s)

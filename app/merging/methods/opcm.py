@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import re
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
+
+from app.merging.errors import InvalidState, NonFiniteTensor
+from app.merging.protocol import FoldState, FoldTotals, MergeMethod, TensorFold, TensorUpdate
 
 # Rows (of the taller orientation) handled per matmul when a result is built in place:
 # bounds the temporaries to a slice of the matrix rather than a second copy of it.
@@ -211,3 +216,75 @@ def opcm_update(
         task = task.clone()
     task.add_(delta, alpha=lambda_prev)
     return task, r, removed_sq
+
+
+class OPCMState(FoldState):
+    """OPCM carries λ_{t−1} beside the expert norms."""
+
+    lambda_: float = Field(alias="lambda", gt=0.0, allow_inf_nan=False)
+
+
+class OPCM(MergeMethod):
+    r"""OPCM as a fold (see :func:`opcm_update` for the math): version 1 is the first expert, λ₁ = 1;
+    from version 2 each tensor's unscaled update D goes aside and the global step sets
+    :math:`\lambda_t = \|D\| / \bar n_t`, then :math:`\theta^{(t)} = \theta_0 + D / \lambda_t`.
+    """
+
+    name = "opcm"
+    Params = OPCMParams
+    State = OPCMState
+
+    def __init__(self, params: OPCMParams, state: OPCMState | None, t: int) -> None:
+        super().__init__(params, state, t)
+        self.lambda_prev = state.lambda_ if state is not None else 1.0
+        self.lam = 1.0
+        self.linear_expert_sq = 0.0
+        self.removed_sq = 0.0
+        self.split_ranks: list[float] = []
+
+    @classmethod
+    def parse_state(cls, carried: dict[str, Any]) -> FoldState:
+        lam = carried.get("lambda")
+        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not math.isfinite(lam) or lam <= 0:
+            raise InvalidState(f"the OPCM state needs the previous fold's lambda (a positive number), got {lam!r}")
+        return super().parse_state(carried)
+
+    def fold_tensor(self, x: TensorFold) -> Tensor:
+        return x.expert  # t = 1: θ⁽¹⁾ = θ₁
+
+    @property
+    def has_global_step(self) -> bool:
+        return self.t >= 2
+
+    def update_tensor(self, x: TensorUpdate) -> Tensor:
+        if x.linear:
+            self.linear_expert_sq += x.task_sq
+        update, r, removed_sq = opcm_update(
+            x.delta, x.task, alpha=self.params.alpha, lambda_prev=self.lambda_prev, linear=x.linear,
+            svd_method=x.svd_method, inplace=True,
+        )
+        if r is not None:
+            self.removed_sq += removed_sq
+            self.split_ranks.append(r / min(x.task.shape))
+        return update
+
+    def global_step(self, totals: FoldTotals) -> None:
+        mean_norm = sum(totals.expert_norms) / len(totals.expert_norms)
+        nu = math.sqrt(totals.update_sq)
+        if not math.isfinite(nu):
+            raise NonFiniteTensor("the fold's update is not finite: the base or the previous version holds NaN/Inf")
+        self.lam = nu / mean_norm if nu > 0 and mean_norm > 0 else self.lambda_prev
+
+    def finish_tensor(self, update: Tensor, base: Tensor) -> Tensor:
+        return update.to(device=base.device, dtype=base.dtype).div_(self.lam).add_(base)
+
+    def carried_state(self, common: dict[str, Any]) -> dict[str, Any]:
+        return {**common, "lambda": self.lam}
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "lambda": self.lam,
+            "removed_fraction": self.removed_sq / self.linear_expert_sq if self.linear_expert_sq > 0 else 0.0,
+            "projected_tensors": float(len(self.split_ranks)),
+            "mean_split_rank_fraction": sum(self.split_ranks) / len(self.split_ranks) if self.split_ranks else 0.0,
+        }

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from app.merging.protocol import MergeMethod, TensorFold
+
 
 class TaskArithmeticParams(BaseModel):
     """``lam``: the scale λ applied to every task vector."""
@@ -26,3 +28,13 @@ def task_arithmetic_fold(base: Tensor, previous: Tensor | None, expert: Tensor, 
     """
     previous = base if previous is None else previous
     return previous + lam * (expert - base)
+
+
+class TaskArithmetic(MergeMethod):
+    """Task arithmetic as a one-pass fold: :func:`task_arithmetic_fold` on every floating tensor."""
+
+    name = "task_arithmetic"
+    Params = TaskArithmeticParams
+
+    def fold_tensor(self, x: TensorFold) -> Tensor:
+        return task_arithmetic_fold(x.base, x.previous, x.expert, t=x.t, lam=self.params.lam)

@@ -8,6 +8,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
+from app.merging.protocol import MergeMethod, TensorFold
+
 
 class TiesParams(BaseModel):
     """``k``: the fraction of entries kept by trimming (per tensor); ``lam``: the scale λ."""
@@ -68,3 +70,13 @@ def ties_fold(base: Tensor, previous: Tensor | None, expert: Tensor, *, t: int, 
     if previous is None:
         return base + lam * task
     return previous + lam * ties_combine(previous - base, task, k=k)
+
+
+class Ties(MergeMethod):
+    """Continual TIES as a one-pass fold: :func:`ties_fold` on every floating tensor."""
+
+    name = "ties"
+    Params = TiesParams
+
+    def fold_tensor(self, x: TensorFold) -> Tensor:
+        return ties_fold(x.base, x.previous, x.expert, t=x.t, k=self.params.k, lam=self.params.lam)

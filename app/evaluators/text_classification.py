@@ -4,6 +4,9 @@ A plugin of the ``mergeline.evaluators`` entry-point group (name ``text-classifi
 
     evaluate(model_dir, *, device="cpu", params={"bundle": "/path/tasks.safetensors"}) -> {"<task>": acc, ..., "mean": acc}
 
+``params``: ``bundle`` (required), ``threads`` (torch CPU threads for this process), ``attention_heads``
+(for a whole encoder without a config.json beside it; default 12, MiniLM's).
+
 ``model_dir`` is what a version downloads as: a Hugging Face model folder (``*.safetensors`` shards
 beside ``config.json``) or a single ``.safetensors`` file. The **bundle** holds everything else the
 measurement needs and is written by the benchmark (:func:`save_bundle`): per task a frozen linear
@@ -233,6 +236,8 @@ def evaluate(model_dir: Path | str, *, device: str = "cpu", params: Mapping[str,
     params = dict(params or {})
     if "bundle" not in params:
         raise EvaluatorInputError("text-classification needs params.bundle: the path of the tasks bundle to evaluate on")
+    if "threads" in params:  # the plugin runs in its own process; on a shared machine 1 thread is much faster
+        torch.set_num_threads(int(params["threads"]))
     tasks, top_layer = load_bundle(Path(params["bundle"]))
     state = load_checkpoint(Path(model_dir))
     state = {k: v.to(device) for k, v in state.items()}

@@ -33,7 +33,6 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from app.evaluators import text_classification as tc
-from bench.quality.text_data import TextTask
 from bench.quality.training import stage_seed
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -73,18 +73,22 @@ class MiniLMConfig:
     seeds: tuple[int, ...]
     orders: int
     methods: tuple[MethodConfig, ...]
+    # Measure @champion through `mergeline serve` (bench/quality/champion.py) for every seed and order.
+    champion: bool = True
+    champion_candidates: int = 8  # the policy's limit (app.schemas.replays.MAX_CANDIDATES)
 
 
 def full_config() -> MiniLMConfig:
-    return MiniLMConfig(tasks=TASKS, train=1000, val=60, test=250, curve_test=60, max_tokens=24,
-                        finetune_steps=150, finetune_lr=1e-3, batch=16, seeds=(0, 1), orders=3,
+    return MiniLMConfig(tasks=TASKS, train=2000, val=60, test=250, curve_test=60, max_tokens=24,
+                        finetune_steps=300, finetune_lr=3e-3, batch=16, seeds=(0, 1), orders=3,
                         methods=tuple(method_grid()))
 
 
 def mini_config() -> MiniLMConfig:
-    return MiniLMConfig(tasks=("movie_sentiment", "quote_language"), train=160, val=60, test=60, curve_test=60,
-                        max_tokens=24, finetune_steps=40, finetune_lr=2e-3, batch=16, seeds=(0,), orders=1,
-                        methods=tuple(method_grid({"opcm": ("alpha", (0.5,)), "task_arithmetic": ("lambda", (0.3,))})))
+    return MiniLMConfig(tasks=("verb_supersense", "quote_language"), train=200, val=40, test=40, curve_test=40,
+                        max_tokens=16, finetune_steps=60, finetune_lr=3e-3, batch=16, seeds=(0,), orders=1,
+                        methods=tuple(method_grid({"opcm": ("alpha", (0.5,)), "task_arithmetic": ("lambda", (0.3,))})),
+                        champion_candidates=2)
 
 
 def _log(message: str) -> None:
@@ -228,6 +232,17 @@ def run_stream(config: MethodConfig, order: Sequence[str], prepared: Prepared, w
     return folds, correct
 
 
+def candidates_for(methods: Sequence[MethodConfig], runs: Sequence[dict[str, Any]], limit: int = 8) -> list[MethodConfig]:
+    """One candidate per method family: its setting with the best final validation accuracy over these runs."""
+    chosen: dict[str, MethodConfig] = {}
+    score = {m.label: statistics.fmean(r["folds"][-1]["average"]["val"] for r in runs if r["label"] == m.label)
+             for m in methods if any(r["label"] == m.label for r in runs)}
+    for m in methods:
+        if m.label in score and (m.method not in chosen or score[m.label] > score[chosen[m.method].label]):
+            chosen[m.method] = m
+    return list(chosen.values())[:limit]
+
+
 def task_orders(tasks: Sequence[str], count: int) -> list[list[str]]:
     from bench.quality.run import task_orders as orders
 
@@ -235,8 +250,7 @@ def task_orders(tasks: Sequence[str], count: int) -> list[list[str]]:
 
 
 def run(config: MiniLMConfig, out: Path, *, name: str = "quality_minilm", workdir: Path | None = None, threads: int = 1,
-        cache: Path = DEFAULT_CACHE, feature_cache: Path | None = M.CACHE,
-        champion: Callable[..., dict[str, Any]] | None = None) -> dict[str, Any]:
+        cache: Path = DEFAULT_CACHE, feature_cache: Path | None = M.CACHE) -> dict[str, Any]:
     """The whole suite; writes ``{name}.json``, ``{name}.md`` and the plots to ``out`` and returns the results."""
     from bench.quality import minilm_report as report
 
@@ -284,9 +298,18 @@ def run(config: MiniLMConfig, out: Path, *, name: str = "quality_minilm", workdi
                     final = statistics.fmean(a["test_full"] for a in folds[-1]["accuracy"].values())
                     _log(f"seed {seed} order {order_index} {method.label:<24} final {final:.3f}  "
                          f"({time.perf_counter() - t0:.1f}s)")
-            if champion is not None:
-                results.setdefault("champion", []).append(champion(config=config, seed=seed, orders=orders,
-                                                                   prepared=prepared, workdir=seed_dir / "service"))
+            if config.champion:
+                from bench.quality import champion
+
+                offline = {(r["label"], r["order"]): r["folds"] for r in results["runs"] if r["seed"] == seed}
+                candidates = candidates_for(config.methods, [r for r in results["runs"] if r["seed"] == seed],
+                                            config.champion_candidates)
+                _log(f"seed {seed}: @champion through mergeline serve, candidates {[c.label for c in candidates]}")
+                record = champion.measure(config=config, seed=seed, orders=orders, prepared=prepared,
+                                          workdir=seed_dir / "service", candidates=candidates, offline=offline)
+                results.setdefault("champion", []).append(record)
+                _log(f"seed {seed}: @champion worst shortfall {100 * max(record['shortfalls']):.2f} points, "
+                     f"mean {100 * statistics.fmean(record['shortfalls']):.2f} ({record['seconds']:.0f}s)")
     results["wall_seconds"] = time.perf_counter() - started
     results["summary"] = report.summarize(results, config.methods, correctness, bounds)
     out.mkdir(parents=True, exist_ok=True)

@@ -204,17 +204,17 @@ def markdown(results: dict[str, Any]) -> str:
     for label, row in summary["methods"].items():
         metrics = row["fold_metrics"]
         parts = []
-        if "lambda" in metrics and metrics["lambda"]:
+        if row["method"] == "opcm" and metrics.get("lambda"):
             last = len(metrics["lambda"])
             parts.append(f"λ_{last} = {_pm(metrics['lambda'][-1], 2)} (√{last} = {math.sqrt(last):.2f})")
-        if metrics.get("removed_fraction") and len(metrics["removed_fraction"]) > 1:
+        if row["method"] == "opcm" and len(metrics.get("removed_fraction", [])) > 1:
             parts.append(f"projection removes {statistics.fmean(m['mean'] for m in metrics['removed_fraction'][1:]):.1%} "
                          "of each expert's squared linear-layer norm on average")
         if metrics.get("merged_task_norm"):
             parts.append(f"final merged task norm {_pm(metrics['merged_task_norm'][-1], 2)}")
         if metrics.get("mean_expert_norm"):
             parts.append(f"mean expert norm {_pm(metrics['mean_expert_norm'][-1], 2)}")
-        if metrics.get("cosine_previous"):
+        if row["method"] == "opcm" and metrics.get("cosine_previous"):
             parts.append(f"cosine(τ_t, merged) at the last fold {_pm(metrics['cosine_previous'][-1])}")
         lines.append(f"- {label}: " + "; ".join(parts) + ".")
 
@@ -241,7 +241,7 @@ def champion_lines(results: dict[str, Any]) -> list[str]:
     return [
         "## @champion through the service",
         "",
-        (f"For every seed and order, the service (embedded defaults: SQLite, local store, in-process worker) folded "
+        (f"For every seed and order, `mergeline serve` on the embedded defaults (SQLite, local folder, embedded worker) folded "
          f"the same experts under each candidate, ran the `text-classification` evaluator plugin on validation after "
          f"each fold and moved `@champion`. Test accuracy of the version `@champion` pointed at after each fold, "
          f"against the best candidate in hindsight (on test): worst shortfall {100 * worst:.2f} points, mean "

@@ -5,6 +5,7 @@ Lean on purpose (numpy + safetensors.numpy, no torch): each runs in a fresh chil
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -25,6 +26,8 @@ def raising(model_dir: Path, *, device: str, params: dict) -> dict[str, float]:
 
 
 def hanging(model_dir: Path, *, device: str, params: dict) -> dict[str, float]:
+    if "pid_file" in params:  # so that a test can check the process is gone afterwards
+        Path(params["pid_file"]).write_text(str(os.getpid()))
     while True:
         time.sleep(1)
 

@@ -69,13 +69,13 @@ class LineageApi:
     def get(self, path: str, token: str = ALICE):  # noqa: ANN201
         return self.client.get(path, headers=self.headers(token))
 
-    def drain(self, limit: int = 200) -> list[str]:
-        """Run every queued fold and evaluation (and whatever they queue) until none is left."""
+    def drain(self, limit: int = 200, *, evaluate: bool = True) -> list[str]:
+        """Run every queued fold and (unless told not to) evaluation, and whatever they queue, until none is left."""
         outcomes = []
         for _ in range(limit):
             if self.queue.sent:
                 outcomes.append(folds.fold_version(self.ctx, self.queue.sent.pop(0)))
-            elif self.queue.evaluations:
+            elif evaluate and self.queue.evaluations:
                 outcomes.append(evaluations.run_evaluation(self.ctx, self.queue.evaluations.pop(0)))
             else:
                 return outcomes

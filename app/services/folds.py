@@ -29,7 +29,7 @@ from app.repositories import experts as experts_repo
 from app.repositories import streams as streams_repo
 from app.repositories import versions as versions_repo
 from app.services.queue import FoldQueue
-from app.storage import ObjectNotFound, ObjectStore, base_key, version_key
+from app.storage import ObjectNotFound, ObjectStore, StoreUnavailable, base_key, version_key
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +64,7 @@ class LeaseLost(Exception):
 
 
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, OperationalError | ConnectionError | TimeoutError):
-        return True
-    try:
-        from boto3.exceptions import S3UploadFailedError
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        if isinstance(exc, S3UploadFailedError):  # boto3's transfer manager wraps the connection error
-            return True
-
-        if isinstance(exc, ClientError):
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            return status >= 500 or status == 0
-        return isinstance(exc, BotoCoreError)
-    except ImportError:  # pragma: no cover
-        return False
+    return isinstance(exc, OperationalError | ConnectionError | TimeoutError | StoreUnavailable)
 
 
 class _Heartbeat(threading.Thread):
@@ -240,6 +226,12 @@ def _run_fold(ctx: FoldContext, inputs: _FoldInputs, heartbeat: _Heartbeat, scra
         _materialize(ctx.store, parent.object_key, scratch / "previous.safetensors") if fold_index > 1 else None
     )
     expert_path = _materialize(ctx.store, expert.object_key, scratch / "expert.safetensors")
+    # a method with an auxiliary checkpoint (iso_c) recorded its sha256 in the parent's state
+    aux_previous = (
+        _materialize(ctx.store, aux_key(parent.stream_id, parent.number), scratch / "previous.aux.safetensors")
+        if fold_index > 1 and isinstance(parent.state, dict) and "aux_sha256" in parent.state
+        else None
+    )
     return fold_checkpoint(
         method=stream.method,
         params=stream.params,
@@ -253,12 +245,21 @@ def _run_fold(ctx: FoldContext, inputs: _FoldInputs, heartbeat: _Heartbeat, scra
         progress=_progress_callback(ctx, heartbeat, inputs.version.id),
         lineage={"parent_sha256": parent.sha256, "expert_sha256": expert.sha256, "stream": stream.id},
         scratch_dir=scratch,
+        aux_previous=aux_previous,
+        aux_out=scratch / "out.aux.safetensors",
     )
+
+
+def aux_key(stream_id: str, number: int) -> str:
+    """``streams/{stream}/versions/{n}.aux.safetensors``: a version's auxiliary checkpoint (DESIGN §4.2)."""
+    return version_key(stream_id, number).removesuffix(".safetensors") + ".aux.safetensors"
 
 
 def _store_and_record(ctx: FoldContext, inputs: _FoldInputs, owner: str, result: Any) -> bool:
     """Upload the output, then flip the row to succeeded (False: the lease was lost meanwhile)."""
     key = version_key(inputs.stream.id, inputs.version.number)
+    if result.aux is not None:  # beside the version, stored first: a visible version always has it
+        ctx.store.put_file(aux_key(inputs.stream.id, inputs.version.number), Path(result.aux.path), move=True)
     # Deterministic key: a redone fold rewrites the same bytes; the row flips only after this.
     ctx.store.put_file(key, Path(result.out), move=True)
     with ctx.db.session() as session:

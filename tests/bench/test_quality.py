@@ -227,7 +227,7 @@ def test_minilm_bootstrap_intervals_bracket_the_difference(minilm_mini: tuple[di
     rows = summary["methods"]
     for row in expert_vs:  # the interval's centre is the table's difference of final accuracies
         expected = summary["bounds"]["expert"]["final_test"]["mean"] - rows[row["b"]]["final_test"]["mean"]
-        assert row["diff"] == pytest.approx(expected, abs=1e-9)
+        assert row["diff"] == pytest.approx(expected, abs=1e-6)  # the table's accuracies are float32 means
 
 
 def test_minilm_replot_rewrites_table_from_the_json(minilm_mini: tuple[dict, Path]) -> None:

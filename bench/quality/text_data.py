@@ -173,7 +173,7 @@ def _vader(cache: Path, file: str, name: str, what: str, margin: float = 0.5) ->
         score = float(parts[1])
         if abs(score) >= margin:  # human mean rating on −4…4; near-neutral snippets are dropped
             pairs.append(("\t".join(parts[2:]), "positive" if score > 0 else "negative"))
-    return _finish(name, f"{what} → human-rated sentiment (mean of 20 raters, |score| ≥ {margin}), 2 classes", pairs)
+    return _finish(name, f"{what} → human-rated sentiment (mean of 20 raters, absolute score ≥ {margin}), 2 classes", pairs)
 
 
 def movie_sentiment(cache: Path) -> TextTask:

@@ -244,6 +244,7 @@ def _run_fold(ctx: FoldContext, inputs: _FoldInputs, heartbeat: _Heartbeat, scra
         out=scratch / "out.safetensors",
         version=fold_index,
         device=ctx.settings.device,
+        memory_budget=ctx.settings.fold_memory_bytes,
         progress=_progress_callback(ctx, heartbeat, inputs.version.id),
         lineage={"parent_sha256": parent.sha256, "expert_sha256": expert.sha256, "stream": stream.id},
         scratch_dir=scratch,

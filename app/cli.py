@@ -24,6 +24,13 @@ def _mount_merging_commands() -> None:
         app.registered_commands.append(command)
 
 
+def _mount_client_commands() -> None:
+    # push, watch, pull, streams, versions, create: the HTTP client (mergeline/cli.py).
+    from mergeline.cli import commands
+
+    app.registered_commands.extend(commands())
+
+
 def _settings():  # noqa: ANN202
     """The validated settings, or a readable message and exit status 2 (not a traceback)."""
     from pydantic import ValidationError
@@ -89,13 +96,23 @@ def _die_with_parent() -> None:
 
 
 @app.command()
-def serve() -> None:
+def serve(
+    host: Annotated[str | None, typer.Option("--host", help="bind address (default MERGELINE_HOST, 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option("--port", help="port (default MERGELINE_PORT, 8000)")] = None,
+) -> None:
     """Migrate, then run the API (and, when MERGELINE_EMBEDDED_WORKER, a fold worker beside it)."""
     import uvicorn
 
-    from app.core.config import is_loopback
+    from app.core.config import get_settings, is_loopback
     from app.core.migrate import upgrade
 
+    # The flags win over the variables; set as variables so that the settings' checks (no open
+    # API off loopback) see them, and the embedded worker inherits the same settings.
+    if host is not None:
+        os.environ["MERGELINE_HOST"] = host
+    if port is not None:
+        os.environ["MERGELINE_PORT"] = str(port)
+    get_settings.cache_clear()
     settings = _settings()
     _configure_logging(settings.log_level)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -141,7 +158,14 @@ def serve() -> None:
                 worker_proc.kill()
 
 
-_mount_merging_commands()
+_CLIENT_COMMANDS = {"push", "watch", "pull", "streams", "versions", "create"}
+# `mergeline push ...` needs neither torch nor the merging library: importing them costs seconds
+# on every client call, so the offline commands are mounted for every other invocation only.
+if sys.argv[1:2] and sys.argv[1] in _CLIENT_COMMANDS:
+    _mount_client_commands()
+else:
+    _mount_merging_commands()
+    _mount_client_commands()
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.api.deps import Runtime
 from app.api.errors import install_error_handlers
-from app.api.routes import streams, system
+from app.api.routes import aliases, evaluations, replays, streams, system
 from app.core.celery import make_celery
 from app.core.config import Settings, get_settings
 from app.core.db import Database
@@ -21,6 +21,7 @@ from app.core.metrics import ApiMetrics
 from app.services.auth import sync_tokens
 from app.services.queue import CeleryFoldQueue
 from app.storage import create_store
+from app.web import routes as web
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(streams.router)
+    app.include_router(evaluations.router)
+    app.include_router(aliases.router)
+    app.include_router(replays.router)
     app.include_router(system.router)
+    web.install(app)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

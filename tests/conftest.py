@@ -294,3 +294,4 @@ def start_worker(tmp_path: Path) -> Iterator:
 
 
 from tests.inprocess_api import api  # noqa: E402,F401  (fixture: an in-process API on SQLite + local store)
+from tests.lineage import lineage_api  # noqa: E402,F401  (fixture: the API on SQLite and PostgreSQL, worker steps inline)

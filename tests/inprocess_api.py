@@ -19,9 +19,13 @@ from tests.checkpoints import make_base
 class RecordingQueue:
     def __init__(self) -> None:
         self.sent: list[str] = []
+        self.evaluations: list[str] = []
 
     def send_fold(self, version_id: str, *, countdown: float | None = None) -> None:
         self.sent.append(version_id)
+
+    def send_evaluation(self, evaluation_id: str) -> None:
+        self.evaluations.append(evaluation_id)
 
 
 @dataclass

@@ -39,6 +39,7 @@ def share_cpu_threads() -> int:
 @worker_ready.connect
 def _resend_runnable(**_: object) -> None:
     """On start-up, send every fold whose turn it is: nothing queued is lost with a broker message."""
+    from app.services import evaluations
     from app.services.folds import resend_runnable
     from workers.tasks import context
 
@@ -46,6 +47,9 @@ def _resend_runnable(**_: object) -> None:
         count = resend_runnable(context())
         if count:
             log.info("re-sent %d runnable fold(s)", count)
+        count = evaluations.resend_runnable(context())
+        if count:
+            log.info("re-sent %d evaluation(s)", count)
     except Exception:
         log.exception("could not re-send runnable folds at start-up")
     threading.Thread(target=_sweep_stalled, name="stall-sweep", daemon=True).start()

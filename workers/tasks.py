@@ -6,10 +6,10 @@ import logging
 import os
 import uuid
 
-from app.core.celery import FOLD_TASK
+from app.core.celery import EVALUATE_TASK, FOLD_TASK
 from app.core.config import get_settings
 from app.core.db import get_database
-from app.services import folds
+from app.services import evaluations, folds
 from app.services.queue import CeleryFoldQueue
 from app.storage import create_store
 from workers.celery_app import celery_app
@@ -60,4 +60,13 @@ def fold_version(self, version_id: str) -> str:  # noqa: ANN001
         log.warning("fold of version %s hit a transient error (%s); retry in %ss", version_id, exc, countdown)
         raise self.retry(countdown=countdown, max_retries=None) from exc
     log.info("fold of version %s: %s", version_id, outcome)
+    return outcome
+
+
+@celery_app.task(name=EVALUATE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=None)
+def evaluate_version(self, evaluation_id: str) -> str:  # noqa: ANN001
+    """Run the stream's evaluator plugin on a succeeded version (idempotent; never changes the version)."""
+    owner = f"{self.request.hostname or 'worker'}:{uuid.uuid4().hex[:12]}"
+    outcome = evaluations.run_evaluation(context(), evaluation_id, owner=owner)
+    log.info("evaluation %s: %s", evaluation_id, outcome)
     return outcome

@@ -7,6 +7,7 @@ from celery import Celery
 from app.core.config import Settings
 
 FOLD_TASK = "mergeline.fold_version"
+EVALUATE_TASK = "mergeline.evaluate_version"
 
 
 def make_celery(settings: Settings, *, include: list[str] | None = None) -> Celery:
@@ -21,7 +22,7 @@ def make_celery(settings: Settings, *, include: list[str] | None = None) -> Cele
         }
     app.conf.update(
         task_default_queue=settings.queue,
-        task_routes={FOLD_TASK: {"queue": settings.queue}},
+        task_routes={FOLD_TASK: {"queue": settings.queue}, EVALUATE_TASK: {"queue": settings.queue}},
         # A fold is acknowledged only when it is over, and re-queued if its worker process dies:
         # the task is idempotent, so running it again is always safe.
         task_acks_late=True,

@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     # Fault-injection tests use it to kill, cut off or restart things mid-fold; keep 0 in production.
     fold_min_seconds: float = Field(default=0.0, ge=0.0, le=3600.0)
 
+    # Evaluator plugins (entry point group "mergeline.evaluators"). A stream may also name a plugin by a
+    # dotted path "package.module:function", which imports code on the workers: only modules under these
+    # comma-separated prefixes may be named that way (empty, the default: dotted paths are refused).
+    evaluator_modules: str = ""
+    # An evaluation runs in its own process, killed after this long (it then fails; its version never does).
+    evaluator_timeout_seconds: float = Field(default=600.0, gt=0, le=24 * 3600)
+
     # Limits on what the API accepts.
     max_header_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_upload_bytes: int = Field(default=64 * 1024**3, ge=1024)
@@ -100,6 +107,10 @@ class Settings(BaseSettings):
                 "an open server may only listen on 127.0.0.1/::1/localhost. Set MERGELINE_TOKENS."
             )
         return self
+
+    @property
+    def evaluator_module_prefixes(self) -> list[str]:
+        return [p.strip() for p in self.evaluator_modules.split(",") if p.strip()]
 
     @property
     def token_map(self) -> dict[str, str]:

@@ -36,6 +36,7 @@ import torch
 from app.merging import safetensors_io as stio
 from app.merging.errors import CheckpointError, DtypeMismatch, InvalidParams, InvalidState, MemoryBudgetExceeded
 from app.merging.finite import check_finite_tensor
+from app.merging.processing.base import PostprocessStep, PreprocessStep
 from app.merging.protocol import (
     REPORTED_METRICS,
     ROW_BLOCK,
@@ -47,7 +48,7 @@ from app.merging.protocol import (
     TensorUpdate,
     tensor_seed,
 )
-from app.merging.registry import get_method, parse_params
+from app.merging.registry import get_method, parse_fold_params
 
 # DESIGN §4: "linear" tensors are 2-D floating tensors whose name does not match this.
 DEFAULT_EMBEDDING_PATTERN = r"embed|(^|\.)(wte|wpe)(\.|$)"
@@ -65,6 +66,16 @@ class FoldResult:
     out: Path
     state: dict[str, Any]
     metrics: dict[str, float]
+    sha256: str
+    size: int
+    aux: AuxCheckpoint | None = None
+
+
+@dataclass(frozen=True)
+class AuxCheckpoint:
+    """The auxiliary checkpoint a method keeps beside the version (iso_c's running sum of task vectors)."""
+
+    path: Path
     sha256: str
     size: int
 
@@ -455,6 +466,10 @@ class _FoldInputs:
     check_expert: bool  # the expert was not checked for NaN/Inf before the fold: check as it is read
     seed_context: str
     expert_sha256: str
+    preprocess: list[PreprocessStep] = field(default_factory=list)
+    postprocess: list[PostprocessStep] = field(default_factory=list)
+    aux_in: TensorSource | None = None
+    aux_sink: Any = None
     totals: _Totals = field(default_factory=_Totals)
     # tensors larger than the fold's memory budget: read, folded and written in blocks
     streamed: frozenset[str] = frozenset()
@@ -462,6 +477,10 @@ class _FoldInputs:
     # ahead_limit: the largest tensor (bytes) read ahead, under a memory budget
     overlap: bool = False
     ahead_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        for step in self.postprocess:
+            step.prepare(self.floating)
 
     @property
     def floating(self) -> list[str]:
@@ -476,7 +495,28 @@ class _FoldInputs:
     def seed(self, name: str) -> int:
         return tensor_seed(self.seed_context, self.expert_sha256, name)
 
+    def preprocessed(self, name: str, task: torch.Tensor) -> torch.Tensor:
+        """τ_t after params.preprocess (each step draws from this tensor's seeded generator)."""
+        if self.preprocess:
+            generator = torch.Generator().manual_seed(self.seed(name))
+            for step in self.preprocess:
+                task = step.apply(task, name=name, generator=generator)
+        return task
+
+    def postprocessed(self, name: str, task: torch.Tensor) -> torch.Tensor:
+        for step in self.postprocess:
+            task = step.apply(task, name=name)
+        return task
+
+    def raw_previous(self, name: str, task: torch.Tensor) -> torch.Tensor:
+        """The previous version's task vector before params.postprocess: what the method's merge is."""
+        for step in reversed(self.postprocess):
+            task = step.invert(task, name=name)
+        return task
+
     def write(self, name: str, merged: torch.Tensor, b: torch.Tensor, phase: str) -> None:
+        if self.postprocess:
+            merged = b + self.postprocessed(name, merged - b)
         out = merged.to(dtype=stio.DTYPES[self.base.tensors[name].dtype][0])
         self.totals.merged_sq += squared_distance(out, b)
         self.sink.write(name, out)
@@ -498,13 +538,22 @@ def _one_pass(f: _FoldInputs) -> None:
         del stored
         e = f.load(f.expert, name)
         p = f.load(f.previous, name) if f.previous is not None else None
+        if f.preprocess:
+            e = b + f.preprocessed(name, e - b)
+        if f.postprocess and p is not None:
+            p = b + f.raw_previous(name, p - b)
         totals.expert_sq += squared_distance(e, b)
         if p is not None:
             totals.previous_sq += squared_distance(p, b)
             totals.cross += inner(e - b, p - b)
-        x = TensorFold(name, f.seed(name), f.is_linear(name), f.version, b, p, e, f.svd_method)
+        aux = f.aux_in.read(name).to(f.device) if f.aux_in is not None else None
+        x = TensorFold(name, f.seed(name), f.is_linear(name), f.version, b, p, e, f.svd_method, aux)
         merged = f.method.fold_tensor(x)
-        del x, e, p
+        if f.aux_sink is not None:
+            if x.aux_out is None:
+                raise RuntimeError(f"{f.method.name} keeps an auxiliary checkpoint but gave none for {name!r}")
+            f.aux_sink.write(name, x.aux_out.to(dtype=stio.DTYPES[_aux_dtype(f.base.tensors[name])][0]))
+        del x, e, p, aux
         f.write(name, merged, b, "fold")
 
 
@@ -522,6 +571,10 @@ def _update_pass(f: _FoldInputs, scratch: Any) -> None:
             check_finite_tensor(task, name, what="the expert's tensor")
         task.sub_(b)
         del b
+        if f.preprocess:
+            task = f.preprocessed(name, task)
+        if f.postprocess:
+            delta = f.raw_previous(name, delta)
         task_sq = squared_norm(task)
         totals.expert_sq += task_sq
         totals.previous_sq += squared_norm(delta)
@@ -720,10 +773,14 @@ def _fold_bytes(spec: stio.TensorSpec, linear: bool, *, streamed: bool) -> int:
     return numel * per_element + max(eigh, beside + block * 8, norms)
 
 
-def plan_memory(method: MergeMethod, base: TensorSource, is_linear: Callable[[str], bool], budget: int | None) -> frozenset[str]:
+def plan_memory(
+    method: MergeMethod, base: TensorSource, is_linear: Callable[[str], bool], budget: int | None,
+    *, whole_only: str | None = None,
+) -> frozenset[str]:
     """The tensors to stream so that the fold stays under ``budget`` bytes; MemoryBudgetExceeded when one cannot.
 
     The budget is the fold's own working memory: the interpreter and torch (~230 MB) come on top.
+    ``whole_only``: why this fold cannot stream its floating tensors at all (None: it can).
     """
     if budget is None:
         return frozenset()
@@ -736,12 +793,13 @@ def plan_memory(method: MergeMethod, base: TensorSource, is_linear: Callable[[st
         if not hasattr(base, "read_elements"):
             raise MemoryBudgetExceeded(f"tensor {name!r} does not fit the fold's memory budget of {budget} bytes", tensor=name)
         can = not spec.is_floating or (
-            method.elementwise and (not method.has_global_step or method.blocked_update)
+            whole_only is None and method.elementwise and (not method.has_global_step or method.blocked_update)
         )
         if not can:
+            why = whole_only or "it is not element-wise"
             raise MemoryBudgetExceeded(
                 f"tensor {name!r} needs about {_fold_bytes(spec, linear, streamed=False)} bytes to fold and the fold's "
-                f"memory budget is {budget}; {method.name} folds a tensor whole (it is not element-wise), so raise "
+                f"memory budget is {budget}; {method.name} folds a tensor whole here ({why}), so raise "
                 "MERGELINE_FOLD_MEMORY_BYTES", tensor=name,
             )
         need = _fold_bytes(spec, linear, streamed=True)
@@ -824,6 +882,8 @@ def _fold(f: _FoldInputs, scratch_factory: Callable[[], Any]) -> tuple[dict[str,
     names = [n for n in f.base.names() if n not in f.streamed]
     floating = [n for n in f.floating if n not in f.streamed]
     if f.method.has_global_step:
+        if f.method.keeps_aux:
+            raise NotImplementedError("an auxiliary checkpoint is written by one-pass folds only")
         scratch = scratch_factory()
         try:
             with _overlapped(f, {"base": floating, "previous": floating, "expert": floating}):
@@ -867,6 +927,17 @@ def _phases(method: MergeMethod, base: TensorSource, check_expert: bool) -> tupl
     return phases, dict.fromkeys(phases, units)
 
 
+@dataclass
+class _Prepared:
+    method: MergeMethod
+    stored_params: dict[str, Any]
+    norms: list[float]
+    pattern: re.Pattern[str]
+    preprocess: list[PreprocessStep]
+    postprocess: list[PostprocessStep]
+    aux_sha256: str | None  # the previous fold's auxiliary checkpoint, as its state records it
+
+
 def _prepare(
     method: str,
     params: Mapping[str, Any] | None,
@@ -874,17 +945,78 @@ def _prepare(
     state: Mapping[str, Any] | None,
     version: int,
     has_previous: bool,
-) -> tuple[MergeMethod, dict[str, Any], list[float], re.Pattern[str]]:
+) -> _Prepared:
     """The method set up for this fold, the parameters to record, the carried norms, the linear pattern."""
     cls = get_method(method)
     params = dict(params or {}) if isinstance(params, Mapping) or params is None else params
     if embedding_pattern is not None and "embedding_pattern" in cls.Params.model_fields:
         params = {**params, "embedding_pattern": embedding_pattern}
-    model = parse_params(method, params)
-    stored = model.model_dump(by_alias=True, exclude_none=True)
-    pattern = re.compile(getattr(model, "embedding_pattern", None) or DEFAULT_EMBEDDING_PATTERN)
+    parsed = parse_fold_params(method, params)
+    pattern = re.compile(getattr(parsed.method, "embedding_pattern", None) or DEFAULT_EMBEDDING_PATTERN)
     norms, parsed_state = _check_state(state, cls, version, has_previous)
-    return cls(model, parsed_state, version), stored, norms, pattern
+    aux_sha256 = None
+    if cls.keeps_aux and version >= 2:
+        aux_sha256 = state.get("aux_sha256") if isinstance(state, Mapping) else None
+        if not isinstance(aux_sha256, str) or len(aux_sha256) != 64:
+            raise InvalidState(f"the {cls.name} state needs the sha256 of the previous version's auxiliary checkpoint")
+    return _Prepared(
+        cls(parsed.method, parsed_state, version), parsed.stored, norms, pattern, parsed.preprocess,
+        parsed.postprocess, aux_sha256,
+    )
+
+
+def _aux_dtype(spec: stio.TensorSpec) -> str:
+    """Auxiliary tensors are float32 (float64 for float64 tensors): sums of task vectors, not weights."""
+    return "F64" if spec.dtype == "F64" else "F32"
+
+
+class _AuxLayout:
+    """The layout of an auxiliary checkpoint: one file, the base's floating tensors, float32/64."""
+
+    sharded = False
+
+    def __init__(self, base: TensorSource, path: Path) -> None:
+        self.path = path
+        self._names = [n for n in base.names() if base.tensors[n].is_floating]
+        _, specs = stio.encode_header(
+            [(n, _aux_dtype(base.tensors[n]), base.tensors[n].shape) for n in self._names], None
+        )
+        self.tensors = specs
+        self.shards = {path.name: stio.Header(specs, None, sum(sp.nbytes for sp in specs.values()))}
+        self.shard_of = dict.fromkeys(self._names, path.name)
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+
+def _check_aux(base: TensorSource, aux: TensorSource, path: Path, expected_sha256: str) -> None:
+    layout = _AuxLayout(base, Path("aux"))
+    if set(aux.tensors) != set(layout.tensors) or any(
+        aux.tensors[n].shape != spec.shape or aux.tensors[n].dtype != spec.dtype for n, spec in layout.tensors.items()
+    ):
+        raise InvalidState("the auxiliary checkpoint does not hold the base's floating tensors as float32/64 sums")
+    if stio.file_sha256(path) != expected_sha256:
+        raise InvalidState("the auxiliary checkpoint is not the one the previous fold wrote (sha256 differs)")
+
+
+@contextlib.contextmanager
+def _aux_guard(writer: stio.CheckpointWriter) -> Iterator[None]:
+    """Opens the auxiliary writer; on any error removes it, finished or not: nothing is left behind."""
+    writer.__enter__()
+    try:
+        yield
+    except BaseException as exc:
+        if writer.sha256:
+            writer.out.unlink(missing_ok=True)
+        else:
+            writer.__exit__(type(exc), exc, None)
+        raise
+
+
+def default_aux_path(out: str | os.PathLike[str]) -> Path:
+    """Where a fold writing ``out`` puts its auxiliary checkpoint: ``v3.safetensors`` -> ``v3.aux.safetensors``."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".safetensors") + ".aux.safetensors")
 
 
 def fold_checkpoint(
@@ -905,6 +1037,8 @@ def fold_checkpoint(
     max_header_bytes: int = stio.DEFAULT_MAX_HEADER_BYTES,
     svd_method: str = "auto",
     seed_context: str | None = None,
+    aux_previous: str | os.PathLike[str] | None = None,
+    aux_out: str | os.PathLike[str] | None = None,
     memory_budget: int | None = None,
 ) -> FoldResult:
     """Fold one expert checkpoint into the running merge, producing version ``version``.
@@ -916,6 +1050,10 @@ def fold_checkpoint(
     when not given) in its safetensors metadata under ``mergeline.*`` keys.
     ``seed_context`` (default: ``lineage["stream"]``, else "") and the expert's sha256 seed each
     tensor's random generator, so a redone fold writes the same bytes.
+    A method that keeps an auxiliary checkpoint (``keeps_aux``, iso_c) reads the previous fold's
+    from ``aux_previous`` (from version 2; its sha256 must be the state's ``aux_sha256``) and writes
+    its own atomically to ``aux_out`` (default :func:`default_aux_path`), before the version:
+    ``FoldResult.aux`` says where, and the new state records its sha256. Other methods ignore both.
     ``memory_budget`` (bytes; default ``MERGELINE_FOLD_MEMORY_BYTES``, else unbounded) caps the
     fold's working memory: tensors whose fold would not fit are streamed in blocks, with the same
     output bytes, and a tensor that cannot fit even so fails the fold before anything is written.
@@ -924,11 +1062,13 @@ def fold_checkpoint(
     started = time.perf_counter()
     _bound_allocator()
     budget = resolve_memory_budget(memory_budget)
-    fold_method, stored_params, norms, pattern = _prepare(
-        method, params, embedding_pattern, state, version, previous is not None
-    )
+    prepared = _prepare(method, params, embedding_pattern, state, version, previous is not None)
+    fold_method = prepared.method
     torch_device = _resolve_device(device)
     out = Path(out)
+    keeps_aux = fold_method.keeps_aux
+    if keeps_aux and version >= 2 and aux_previous is None:
+        raise InvalidState(f"version {version} of {fold_method.name} needs the previous version's auxiliary checkpoint")
     with contextlib.ExitStack() as stack:
         base_ck = stack.enter_context(stio.open_checkpoint(base, max_header_bytes=max_header_bytes))
         expert_ck = stack.enter_context(stio.open_checkpoint(expert, max_header_bytes=max_header_bytes))
@@ -938,8 +1078,17 @@ def fold_checkpoint(
             else None
         )
         _check_inputs(base_ck, previous_ck, expert_ck)
+        aux_ck = None
+        if keeps_aux and version >= 2:
+            aux_ck = stack.enter_context(stio.open_checkpoint(aux_previous, max_header_bytes=max_header_bytes))
+            _check_aux(base_ck, aux_ck, Path(aux_previous), prepared.aux_sha256)  # type: ignore[arg-type]
+        whole_only = (
+            "it keeps an auxiliary checkpoint" if keeps_aux
+            else "params.preprocess/postprocess steps act on whole tensors" if prepared.preprocess or prepared.postprocess
+            else None
+        )
         streamed = plan_memory(fold_method, base_ck, lambda n: len(base_ck.tensors[n].shape) == 2
-                               and not pattern.search(n), budget)
+                               and not prepared.pattern.search(n), budget, whole_only=whole_only)
         # a fold with a global step checks the expert during pass 1, which writes no output
         pre_check = not fold_method.has_global_step
         phases, totals = _phases(fold_method, base_ck, check_expert=pre_check)
@@ -952,20 +1101,27 @@ def fold_checkpoint(
         lineage.setdefault("expert_sha256", stio.file_sha256(expert))
         metadata = {
             "mergeline.method": fold_method.name,
-            "mergeline.params": json.dumps(stored_params, sort_keys=True),
+            "mergeline.params": json.dumps(prepared.stored_params, sort_keys=True),
             "mergeline.version": str(version),
             **{f"mergeline.{key}": str(value) for key, value in lineage.items()},
         }
         scratch_root = Path(scratch_dir) if scratch_dir is not None else out.parent
+        aux_writer = None
+        if keeps_aux:
+            aux_path = Path(aux_out) if aux_out is not None else default_aux_path(out)
+            aux_writer = stio.CheckpointWriter(
+                aux_path, _AuxLayout(base_ck, aux_path), metadata={**metadata, "mergeline.aux": "1"}  # type: ignore[arg-type]
+            )
+            stack.enter_context(_aux_guard(aux_writer))
         with stio.CheckpointWriter(out, base_ck, metadata=metadata) as writer:
             inputs = _FoldInputs(
                 method=fold_method,
-                pattern=pattern,
+                pattern=prepared.pattern,
                 base=base_ck,
                 previous=previous_ck,
                 expert=expert_ck,
                 version=version,
-                carried_norms=norms,
+                carried_norms=prepared.norms,
                 device=torch_device,
                 sink=writer,
                 progress=tracker,
@@ -973,6 +1129,10 @@ def fold_checkpoint(
                 check_expert=not pre_check,
                 seed_context=seed_context if seed_context is not None else str(lineage.get("stream", "")),
                 expert_sha256=str(lineage["expert_sha256"]),
+                preprocess=prepared.preprocess,
+                postprocess=prepared.postprocess,
+                aux_in=aux_ck,
+                aux_sink=aux_writer,
                 streamed=streamed,
                 overlap=True,
                 ahead_limit=budget // 8 if budget is not None else None,
@@ -982,9 +1142,13 @@ def fold_checkpoint(
             )
             new_state, metrics = _fold(inputs, scratch_factory)
             metrics["streamed_tensors"] = float(len(streamed))
+            if aux_writer is not None:
+                aux_writer.__exit__(None, None, None)  # in place, whole, before the version is
+                new_state["aux_sha256"] = aux_writer.sha256
     metrics["seconds"] = time.perf_counter() - started
     tracker.finish()
-    return FoldResult(out=out, state=new_state, metrics=metrics, sha256=writer.sha256, size=writer.size)
+    aux = AuxCheckpoint(aux_writer.out, aux_writer.sha256, aux_writer.size) if aux_writer is not None else None
+    return FoldResult(out=out, state=new_state, metrics=metrics, sha256=writer.sha256, size=writer.size, aux=aux)
 
 
 def _check_finite(expert: stio.Checkpoint, tracker: _Progress, streamed: frozenset[str] = frozenset()) -> None:
@@ -1013,24 +1177,38 @@ def fold_state_dicts(
     svd_method: str = "auto",
     seed_context: str = "",
     expert_sha256: str = "",
+    aux_previous: Mapping[str, torch.Tensor] | None = None,
+    aux_out: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, float]]:
-    """The same fold on in-memory state dicts: (merged state dict, new state, metrics)."""
+    """The same fold on in-memory state dicts: (merged state dict, new state, metrics).
+
+    A method with an auxiliary checkpoint reads ``aux_previous`` (from version 2) and fills ``aux_out``.
+    """
     started = time.perf_counter()
-    fold_method, _, norms, pattern = _prepare(method, params, embedding_pattern, state, version, previous is not None)
+    prepared = _prepare(method, params, embedding_pattern, state, version, previous is not None)
+    fold_method = prepared.method
     sources = [_DictSource(base), _DictSource(previous) if previous is not None else None, _DictSource(expert)]
     _check_inputs(sources[0], sources[1], sources[2])
     for name, tensor in expert.items():
         check_finite_tensor(tensor, name, what="the expert's tensor")
+    aux_in = None
+    if fold_method.keeps_aux:
+        if aux_out is None:
+            raise InvalidParams(f"{fold_method.name} keeps an auxiliary checkpoint: pass aux_out, a dict to fill")
+        if version >= 2:
+            if aux_previous is None:
+                raise InvalidState(f"version {version} of {fold_method.name} needs the previous auxiliary tensors")
+            aux_in = _DictSource(aux_previous)
     sink = _DictSink()
     phases, totals = _phases(fold_method, sources[0], check_expert=False)
     inputs = _FoldInputs(
         method=fold_method,
-        pattern=pattern,
+        pattern=prepared.pattern,
         base=sources[0],
         previous=sources[1],
         expert=sources[2],
         version=version,
-        carried_norms=norms,
+        carried_norms=prepared.norms,
         device=_resolve_device(device),
         sink=sink,
         progress=_Progress(None, phases, totals),
@@ -1038,8 +1216,14 @@ def fold_state_dicts(
         check_expert=False,
         seed_context=seed_context,
         expert_sha256=expert_sha256,
+        preprocess=prepared.preprocess,
+        postprocess=prepared.postprocess,
+        aux_in=aux_in,
+        aux_sink=_DictSink() if fold_method.keeps_aux else None,
     )
     new_state, metrics = _fold(inputs, _DictScratch)
+    if inputs.aux_sink is not None and aux_out is not None:
+        aux_out.update(inputs.aux_sink)
     metrics["seconds"] = time.perf_counter() - started
     return dict(sink), new_state, metrics
 

@@ -21,7 +21,10 @@ class Expert(Base):
     name: Mapped[str] = mapped_column(String(200))
     sha256: Mapped[str] = mapped_column(String(64))
     size: Mapped[int] = mapped_column(BigInteger)
-    object_key: Mapped[str] = mapped_column(String(400))
+    # Null for an expert of a replay: its objects are those of ``source_expert_id`` (nothing is copied).
+    object_key: Mapped[str | None] = mapped_column(String(400))
+    # The expert row (of the source stream) whose stored objects this replay's expert reuses.
+    source_expert_id: Mapped[str | None] = mapped_column(ForeignKey("experts.id"), index=True)
     # The safetensors ``__metadata__`` of the upload (string -> string).
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

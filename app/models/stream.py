@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text, false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, new_id, utcnow
@@ -27,3 +27,11 @@ class Stream(Base):
     # Highest version number handed out; bumped with an atomic UPDATE, which also serializes uploads.
     version_count: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # A replay rebuilds another stream (this one) with its own method, params, order or subset of experts.
+    replay_of: Mapped[str | None] = mapped_column(ForeignKey("streams.id", ondelete="CASCADE"), index=True)
+    # A champion candidate: every expert accepted later on ``replay_of`` is appended here too.
+    follows_source: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # {"name", "params"}: the evaluator plugin the worker runs on each succeeded version.
+    evaluator: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # {"metric", "mode", "candidates": [{"method", "params", "stream_id"}]}: who @champion points at.
+    champion: Mapped[dict[str, Any] | None] = mapped_column(JSON)

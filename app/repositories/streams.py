@@ -61,3 +61,29 @@ def lock(session: Session, stream_id: str) -> None:
         .values(version_count=Stream.version_count)
         .execution_options(synchronize_session=False)
     )
+
+
+def origin_id(session: Session, stream: Stream) -> str:
+    """The stream whose stored base object this one uses: itself, or the first stream of its replay chain."""
+    current, seen = stream, {stream.id}
+    while current.replay_of is not None:
+        current = session.get(Stream, current.replay_of)
+        if current is None or current.id in seen:  # pragma: no cover - a chain is created acyclic
+            raise RuntimeError(f"broken replay chain at stream {stream.id}")
+        seen.add(current.id)
+    return current.id
+
+
+def followers(session: Session, stream_id: str) -> list[Stream]:
+    """The replays of ``stream_id`` that take each of its new experts (champion candidates)."""
+    return list(
+        session.scalars(
+            select(Stream)
+            .where(Stream.replay_of == stream_id, Stream.follows_source.is_(True))
+            .order_by(Stream.created_at, Stream.id)
+        )
+    )
+
+
+def replays_of(session: Session, stream_id: str) -> list[Stream]:
+    return list(session.scalars(select(Stream).where(Stream.replay_of == stream_id).order_by(Stream.created_at, Stream.id)))

@@ -31,3 +31,7 @@ def add_token(session: Session, tenant: Tenant, digest: str) -> ApiToken:
 def token_digests(session: Session) -> dict[str, str]:
     """token sha256 -> tenant id, for every stored token."""
     return dict(session.execute(select(ApiToken.token_sha256, ApiToken.tenant_id)).all())
+
+
+def name_of(session: Session, tenant_id: str) -> str | None:
+    return session.scalar(select(Tenant.name).where(Tenant.id == tenant_id))

@@ -280,6 +280,7 @@ _newest = Version.__table__.alias("newest")
 
 _VIEW_COLUMNS = (
     _v.c.id.label("version_id"),
+    _v.c.stream_id,
     _v.c.number,
     _v.c.status,
     _parent.c.number.label("parent_number"),
@@ -337,3 +338,12 @@ def view_row(conn: Connection | Session, tenant_id: str, stream_id: str, number:
         return conn.execute(_LATEST_VIEW, params).one_or_none()
     params["number"] = number
     return conn.execute(_NUMBER_VIEW, params).one_or_none()
+
+
+def by_source_expert(session: Session, stream_id: str, source_expert_id: str) -> Version | None:
+    """The version of ``stream_id`` (a replay) that folds the replay's copy of expert ``source_expert_id``."""
+    return session.scalar(
+        select(Version)
+        .join(Expert, Expert.id == Version.expert_id)
+        .where(Version.stream_id == stream_id, Expert.source_expert_id == source_expert_id)
+    )

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
-# Names are labels shown back to people: printable text only (PostgreSQL also refuses NUL in text).
-NAME_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+from app.schemas.common import NAME_PATTERN
+from app.schemas.common import utc_iso as _utc
+from app.schemas.evaluations import EvaluationPublic, EvaluatorSpec
+from app.schemas.replays import ChampionPolicy
 
-
-def _utc(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:  # SQLite returns naive datetimes; we store UTC
-        value = value.replace(tzinfo=UTC)
-    return value.isoformat()
+__all__ = ["NAME_PATTERN"]
 
 
 class StreamCreate(BaseModel):
@@ -25,6 +21,10 @@ class StreamCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200, pattern=NAME_PATTERN, description="a label; no control characters")
     method: str = Field(default="opcm", description='"opcm" (default) or a baseline: average, task_arithmetic, ties, magmax')
     params: dict[str, Any] = Field(default_factory=dict, description="method hyper-parameters; defaults filled in")
+    evaluator: EvaluatorSpec | None = Field(default=None, description="run on each succeeded version by the worker")
+    champion: ChampionPolicy | None = Field(
+        default=None, description="candidates run as replays; @champion follows the best (needs `evaluator`)"
+    )
 
 
 class ExpertPublic(BaseModel):
@@ -62,6 +62,8 @@ class VersionPublic(BaseModel):
     finished_at: datetime | None = None
     sha256: str | None = None
     size: int | None = None
+    stream_id: str | None = Field(default=None, description="the stream it belongs to (an @alias may name a replay's)")
+    evaluations: list[EvaluationPublic] = Field(default_factory=list, description="oldest first")
 
     _ser = field_serializer("created_at", "started_at", "finished_at")(lambda self, v: _utc(v))
 
@@ -75,6 +77,9 @@ class StreamPublic(BaseModel):
     version_count: int = Field(description="highest version number handed out (queued ones included)")
     latest_version: VersionPublic | None = Field(description="the newest succeeded version")
     created_at: datetime
+    replay_of: str | None = Field(default=None, description="the stream this one replays")
+    evaluator: dict[str, Any] | None = None
+    champion: dict[str, Any] | None = Field(default=None, description="the policy, with each candidate's stream_id")
 
     _ser = field_serializer("created_at")(lambda self, v: _utc(v))
 

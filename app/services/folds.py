@@ -156,6 +156,8 @@ class _FoldInputs:
     expert: Any
     parent: Any
     fold_index: int
+    # The stream whose stored base object the fold reads: the stream itself, or a replay's origin.
+    base_stream_id: str = ""
 
 
 def _fold_claimed(ctx: FoldContext, version_id: str, owner: str) -> str:
@@ -202,11 +204,15 @@ def _read_inputs(ctx: FoldContext, version_id: str) -> _FoldInputs:
     with ctx.db.session() as session:
         version = versions_repo.get(session, version_id)
         stream = streams_repo.get(session, version.stream_id)
-        expert = experts_repo.get(session, version.expert_id)
+        # A replay's expert reuses its source's stored objects (the source's row), and its base its origin's.
+        expert = experts_repo.stored(session, experts_repo.get(session, version.expert_id))
+        base_stream_id = streams_repo.origin_id(session, stream)
         parent = versions_repo.get(session, version.parent_id)
         # The engine's fold index: the version number, less the versions an operator skipped.
         fold_index = versions_repo.folds_before(session, parent) + 1
-    return _FoldInputs(version=version, stream=stream, expert=expert, parent=parent, fold_index=fold_index)
+    return _FoldInputs(
+        version=version, stream=stream, expert=expert, parent=parent, fold_index=fold_index, base_stream_id=base_stream_id
+    )
 
 
 def _progress_callback(ctx: FoldContext, heartbeat: _Heartbeat, version_id: str) -> Any:
@@ -229,11 +235,17 @@ def _run_fold(ctx: FoldContext, inputs: _FoldInputs, heartbeat: _Heartbeat, scra
     from app.merging import fold_checkpoint
 
     stream, expert, parent, fold_index = inputs.stream, inputs.expert, inputs.parent, inputs.fold_index
-    base = _materialize(ctx.store, base_key(stream.id), scratch / "base.safetensors")
+    base = _materialize(ctx.store, base_key(inputs.base_stream_id or stream.id), scratch / "base.safetensors")
     previous = (
         _materialize(ctx.store, parent.object_key, scratch / "previous.safetensors") if fold_index > 1 else None
     )
     expert_path = _materialize(ctx.store, expert.object_key, scratch / "expert.safetensors")
+    # a method with an auxiliary checkpoint (iso_c) recorded its sha256 in the parent's state
+    aux_previous = (
+        _materialize(ctx.store, aux_key(parent.stream_id, parent.number), scratch / "previous.aux.safetensors")
+        if fold_index > 1 and isinstance(parent.state, dict) and "aux_sha256" in parent.state
+        else None
+    )
     return fold_checkpoint(
         method=stream.method,
         params=stream.params,
@@ -248,16 +260,25 @@ def _run_fold(ctx: FoldContext, inputs: _FoldInputs, heartbeat: _Heartbeat, scra
         progress=_progress_callback(ctx, heartbeat, inputs.version.id),
         lineage={"parent_sha256": parent.sha256, "expert_sha256": expert.sha256, "stream": stream.id},
         scratch_dir=scratch,
+        aux_previous=aux_previous,
+        aux_out=scratch / "out.aux.safetensors",
     )
+
+
+def aux_key(stream_id: str, number: int) -> str:
+    """``streams/{stream}/versions/{n}.aux.safetensors``: a version's auxiliary checkpoint (DESIGN §4.2)."""
+    return version_key(stream_id, number).removesuffix(".safetensors") + ".aux.safetensors"
 
 
 def _store_and_record(ctx: FoldContext, inputs: _FoldInputs, owner: str, result: Any) -> bool:
     """Upload the output, then flip the row to succeeded (False: the lease was lost meanwhile)."""
     key = version_key(inputs.stream.id, inputs.version.number)
+    if result.aux is not None:  # beside the version, stored first: a visible version always has it
+        ctx.store.put_file(aux_key(inputs.stream.id, inputs.version.number), Path(result.aux.path), move=True)
     # Deterministic key: a redone fold rewrites the same bytes; the row flips only after this.
     ctx.store.put_file(key, Path(result.out), move=True)
     with ctx.db.session() as session:
-        return versions_repo.finish(
+        done = versions_repo.finish(
             session,
             inputs.version.id,
             owner=owner,
@@ -270,6 +291,11 @@ def _store_and_record(ctx: FoldContext, inputs: _FoldInputs, owner: str, result:
             metrics=_jsonable(result.metrics),
             finished_at=utcnow(),
         )
+        if done:  # the stream's evaluator runs as a task of its own, sent after this commit: it never touches the version
+            from app.services.evaluations import queue_plugin_evaluation
+
+            queue_plugin_evaluation(session, ctx.queue, inputs.version.id)
+        return done
 
 
 def _materialize(store: ObjectStore, key: str, dest: Path) -> Path:

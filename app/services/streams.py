@@ -8,12 +8,15 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
+from app.core.config import Settings
 from app.models import Expert, Stream, Version
+from app.repositories import evaluations as evaluations_repo
 from app.repositories import experts as experts_repo
 from app.repositories import streams as streams_repo
 from app.repositories import versions as versions_repo
 from app.schemas.streams import (
     BasePublic,
+    EvaluationPublic,
     ExpertPublic,
     StreamCreate,
     StreamPublic,
@@ -21,9 +24,10 @@ from app.schemas.streams import (
     VersionPublic,
 )
 from app.services.errors import NotFound, ServiceError
+from app.services.versions import MAX_VERSION_NUMBER, resolve_version
 
 
-def create_stream(session: Session, tenant_id: str, body: StreamCreate) -> Stream:
+def create_stream(session: Session, tenant_id: str, body: StreamCreate, settings: Settings | None = None) -> Stream:
     from app.merging import METHODS, validate_params
 
     if body.method not in METHODS:
@@ -33,16 +37,31 @@ def create_stream(session: Session, tenant_id: str, body: StreamCreate) -> Strea
             status_code=422,
         )
     params = validate_params(body.method, body.params)  # InvalidParams -> 422 via the error handler
-    return streams_repo.add(session, Stream(tenant_id=tenant_id, name=body.name, method=body.method, params=params))
+    evaluator = None
+    if body.evaluator is not None:
+        from app.services.evaluators import check_evaluator_allowed
+
+        check_evaluator_allowed(body.evaluator.name, settings)
+        evaluator = body.evaluator.model_dump()
+    if body.champion is not None and evaluator is None:
+        raise ServiceError(
+            "a champion policy needs an evaluator: name one in `evaluator` (its metrics choose the champion)",
+            code="invalid_champion",
+            status_code=422,
+        )
+    stream = streams_repo.add(
+        session, Stream(tenant_id=tenant_id, name=body.name, method=body.method, params=params, evaluator=evaluator)
+    )
+    if body.champion is not None:
+        from app.services.replays import create_candidates
+
+        create_candidates(session, stream, body.champion)
+    return stream
 
 
 # Stream ids are new_id()s. Anything else names no stream, and is answered without a query:
 # a NUL byte or a 10 kB id must not reach the database driver (PostgreSQL refuses NUL in text).
 _STREAM_ID = re.compile(r"[0-9a-f]{32}")
-# Version numbers are stored as 32-bit integers; a larger one names no version.
-_VERSION_NUMBER = re.compile(r"-?[0-9]{1,10}")
-MAX_VERSION_NUMBER = 2**31 - 1
-
 
 def get_stream(session: Session, tenant_id: str, stream_id: str) -> Stream:
     """The tenant's stream, or 404 (another tenant's stream is indistinguishable from none)."""
@@ -53,21 +72,8 @@ def get_stream(session: Session, tenant_id: str, stream_id: str) -> Stream:
 
 
 def get_version(session: Session, stream: Stream, ref: str) -> Version:
-    """Version ``ref`` of the stream: a number, or ``latest`` (the newest succeeded version)."""
-    if ref == "latest":
-        version = versions_repo.latest_succeeded(session, stream.id)
-        if version is None:
-            raise NotFound(f"stream {stream.id} has no succeeded version yet (upload a base first)")
-        return version
-    if not ref.lstrip("-").isdecimal() or not ref.isascii():
-        raise ServiceError(f"version must be a number or 'latest', not {ref[:80]!r}", code="invalid_version")
-    if not _VERSION_NUMBER.fullmatch(ref) or not 0 <= int(ref) <= MAX_VERSION_NUMBER:
-        raise NotFound(f"stream {stream.id} has no version {ref[:80]}")
-    number = int(ref)
-    version = versions_repo.by_number(session, stream.id, number)
-    if version is None:
-        raise NotFound(f"stream {stream.id} has no version {number}")
-    return version
+    """Version ``ref`` of the stream: see ``app.services.versions.resolve_version``."""
+    return resolve_version(session, stream, ref)
 
 
 def expert_public(expert: Expert) -> ExpertPublic:
@@ -86,17 +92,38 @@ def version_views(session: Session, versions: list[Version]) -> list[VersionPubl
     known = {v.id: v.number for v in versions}
     missing = [v.parent_id for v in versions if v.parent_id and v.parent_id not in known]
     known.update(versions_repo.numbers_by_id(session, missing))
+    evaluations = evaluation_views(session, [v.id for v in versions])
     return [
         version_public(
             v,
             parent=known.get(v.parent_id) if v.parent_id else None,
             expert=expert_public(experts[v.expert_id]) if v.expert_id in experts else None,
+            evaluations=evaluations.get(v.id, []),
         )
         for v in versions
     ]
 
 
-def version_public(v: Any, *, parent: int | None, expert: ExpertPublic | None) -> VersionPublic:
+def evaluation_views(conn: Connection | Session, version_ids: list[str]) -> dict[str, list[EvaluationPublic]]:
+    """version id -> its evaluations, oldest first."""
+    views: dict[str, list[EvaluationPublic]] = {}
+    for row in evaluations_repo.rows_for_versions(conn, version_ids):
+        views.setdefault(row.version_id, []).append(
+            EvaluationPublic(
+                evaluator=row.evaluator,
+                metrics=row.metrics,
+                status=row.status,
+                created_at=row.created_at,
+                finished_at=row.finished_at,
+                error=row.error,
+            )
+        )
+    return views
+
+
+def version_public(
+    v: Any, *, parent: int | None, expert: ExpertPublic | None, evaluations: list[EvaluationPublic] | None = None
+) -> VersionPublic:
     """A version as the API shows it, from an ORM ``Version`` or a Core row with the same column names."""
     return VersionPublic(
         number=v.number,
@@ -112,6 +139,8 @@ def version_public(v: Any, *, parent: int | None, expert: ExpertPublic | None) -
         finished_at=v.finished_at,
         sha256=v.sha256,
         size=v.size,
+        stream_id=v.stream_id,
+        evaluations=evaluations or [],
     )
 
 
@@ -138,7 +167,8 @@ def version_view_by_number(conn: Connection, tenant: str, stream_id: str, number
             metadata=row.expert_metadata,
             created_at=row.expert_created_at,
         )
-    return version_public(row, parent=row.parent_number, expert=expert)
+    evaluations = evaluation_views(conn, [row.version_id]).get(row.version_id, [])
+    return version_public(row, parent=row.parent_number, expert=expert, evaluations=evaluations)
 
 
 def plain_version_ref(stream_id: str, ref: str) -> int | None | bool:
@@ -170,6 +200,9 @@ def stream_views(session: Session, streams: list[Stream]) -> list[StreamPublic]:
             version_count=s.version_count,
             latest_version=latest_views.get(s.id),
             created_at=s.created_at,
+            replay_of=s.replay_of,
+            evaluator=s.evaluator,
+            champion=s.champion,
         )
         for s in streams
     ]

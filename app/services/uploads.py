@@ -273,6 +273,10 @@ def accept_base(session: Session, store: ObjectStore, stream: Stream, spooled: S
     store.put_file(key, spooled.path, move=True)
     on_rollback(session, lambda: store.delete(key))
     session.refresh(stream)
+    if stream.champion:
+        from app.services.replays import follow_base
+
+        follow_base(session, stream)
     return version
 
 
@@ -323,6 +327,10 @@ def accept_expert(
         Version(stream_id=stream.id, number=number, parent_id=parent.id, expert_id=expert.id),
     )
     fold_after_commit(session, queue, version.id)
+    if stream.champion:
+        from app.services.replays import follow_expert
+
+        follow_expert(session, queue, stream, expert)
     return expert, version, True
 
 

@@ -16,6 +16,8 @@ PARAMS = {
     "task_arithmetic": {"lambda": 0.3},
     "ties": {"k": 0.2, "lambda": 0.5},
     "magmax": {"s": 0.5},
+    "dop": {"num_steps": 10},
+    "iso_c": {"scale": 1.0},
 }
 
 
@@ -55,12 +57,13 @@ def test_engine_matches_dense_reference(tmp_path, method, shards, dtype):
     suffix = "" if shards > 1 else ".safetensors"
     base_path = ref.save(base, tmp_path / f"base{suffix}", shards=shards)
     expert_paths = [ref.save(e, tmp_path / f"e{i}{suffix}", shards=shards) for i, e in enumerate(experts, 1)]
-    previous_path, state, ref_state = None, None, None
+    previous_path, state, ref_state, aux = None, None, None, None
     for t, expert_path in enumerate(expert_paths, 1):
         out = tmp_path / f"v{t}{suffix}"
         result = fold_checkpoint(
-            method, PARAMS[method], base_path, previous_path, expert_path, state, out, t, device="cpu"
+            method, PARAMS[method], base_path, previous_path, expert_path, state, out, t, device="cpu", aux_previous=aux
         )
+        aux = result.aux.path if result.aux is not None else None
         assert result.out == out and out.exists()
         assert out.is_dir() == (shards > 1)
         # the reference reads the same stored inputs (the engine's previous version)

@@ -100,9 +100,9 @@ async def _receive(request: Request, runtime: RuntimeDep, check_header: Any = No
 
 
 @router.post("", status_code=201, response_model=StreamPublic, responses=ERRORS)
-def create_stream(body: StreamCreate, session: SessionDep, tenant: TenantDep) -> StreamPublic:
+def create_stream(body: StreamCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep) -> StreamPublic:
     """Create a stream: a base model plus the experts folded into it, with one merge method."""
-    stream = streams_service.create_stream(session, tenant, body)
+    stream = streams_service.create_stream(session, tenant, body, settings)
     return streams_service.stream_views(session, [stream])[0]
 
 
@@ -133,6 +133,9 @@ async def upload_base(
 ) -> VersionPublic:
     """Upload the base checkpoint (version 0). Once per stream: a second PUT is 409."""
     stream = await run_in_threadpool(streams_service.get_stream, session, tenant, stream_id)
+    if stream.replay_of:
+        await _drain(request.stream(), _declared_length(request))
+        raise Conflict(f"stream {stream_id} is a replay of {stream.replay_of}: it takes its base from there", code="replay")
     if stream.base_sha256:
         await _drain(request.stream(), _declared_length(request))
         raise Conflict(f"stream {stream_id} already has a base (sha256 {stream.base_sha256})")
@@ -172,6 +175,12 @@ async def upload_expert(
     from app.merging import safetensors_io as stio
 
     stream = await run_in_threadpool(streams_service.get_stream, session, tenant, stream_id)
+    if stream.replay_of:
+        await _drain(request.stream(), _declared_length(request))
+        raise Conflict(
+            f"stream {stream_id} is a replay of {stream.replay_of}: upload experts there (a replay is fixed at creation)",
+            code="replay",
+        )
     if not stream.base_sha256:
         await _drain(request.stream(), _declared_length(request))
         raise Conflict(f"stream {stream_id} has no base yet: PUT /v1/streams/{stream_id}/base first")
@@ -212,7 +221,7 @@ def _version_view(session: Session, tenant: str, stream_id: str, number: str) ->
 
 @router.get("/{stream_id}/versions/{number}", response_model=VersionPublic, responses=ERRORS)
 async def get_version(stream_id: str, number: str, read: ReaderDep, tenant: TenantDep) -> VersionPublic:
-    """One version; ``number`` may be ``latest`` (the newest succeeded version)."""
+    """One version; ``number`` may be ``latest`` (the newest succeeded version) or ``@alias``."""
     ref = streams_service.plain_version_ref(stream_id, number)
     if ref is False:
         return await read(_version_view, tenant, stream_id, number)
@@ -248,8 +257,9 @@ def download_version(
     version = streams_service.get_version(session, stream, number)
     if version.status != "succeeded":
         raise Conflict(f"version {version.number} is {version.status}, not succeeded", code="version_not_ready")
-    key = version.object_key or version_key(stream.id, version.number)
-    filename = f"{stream.id}-v{version.number}.safetensors"
+    # An @alias may name a version of a replay: it is served from that replay's stream.
+    key = version.object_key or version_key(version.stream_id, version.number)
+    filename = f"{version.stream_id}-v{version.number}.safetensors"
     url = store.presigned_url(key, filename=filename)
     if url is not None:
         return RedirectResponse(url, status_code=307)

@@ -1,0 +1,97 @@
+"""Queries on evaluations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Connection, and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from app.models import Evaluation, EvaluationStatus
+
+E = EvaluationStatus
+
+
+def add(session: Session, evaluation: Evaluation) -> Evaluation:
+    session.add(evaluation)
+    session.flush()
+    return evaluation
+
+
+def get(session: Session, evaluation_id: str) -> Evaluation | None:
+    return session.get(Evaluation, evaluation_id)
+
+
+_COLUMNS = (
+    Evaluation.version_id,
+    Evaluation.evaluator,
+    Evaluation.metrics,
+    Evaluation.status,
+    Evaluation.created_at,
+    Evaluation.finished_at,
+    Evaluation.error,
+)
+
+
+def rows_for_versions(conn: Connection | Session, version_ids: list[str]) -> list[Any]:
+    """The evaluations of these versions, oldest first (plain rows: the listing and the hot path share it)."""
+    if not version_ids:
+        return []
+    return list(
+        conn.execute(
+            select(*_COLUMNS)
+            .where(Evaluation.version_id.in_(version_ids))
+            .order_by(Evaluation.created_at, Evaluation.id)
+        ).all()
+    )
+
+
+def for_version(session: Session, version_id: str) -> list[Evaluation]:
+    return list(
+        session.scalars(
+            select(Evaluation).where(Evaluation.version_id == version_id).order_by(Evaluation.created_at, Evaluation.id)
+        )
+    )
+
+
+def claim(session: Session, evaluation_id: str, *, owner: str, now: float, lease_seconds: float) -> bool:
+    """Take an evaluation (queued, or running under a lapsed lease): one conditional UPDATE decides."""
+    result = session.execute(
+        update(Evaluation)
+        .where(
+            Evaluation.id == evaluation_id,
+            or_(
+                Evaluation.status == E.queued,
+                and_(Evaluation.status == E.running, Evaluation.lease_expires_at < now),
+            ),
+        )
+        .values(status=E.running, lease_owner=owner, lease_expires_at=now + lease_seconds, attempts=Evaluation.attempts + 1)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def finish(session: Session, evaluation_id: str, *, owner: str, **values: Any) -> bool:
+    result = session.execute(
+        update(Evaluation)
+        .where(Evaluation.id == evaluation_id, Evaluation.lease_owner == owner, Evaluation.status == E.running)
+        .values(lease_owner=None, lease_expires_at=None, **values)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1
+
+
+def runnable(session: Session, *, now: float) -> list[str]:
+    """Evaluations no live worker holds: queued ones, and running ones whose worker died."""
+    return list(
+        session.scalars(
+            select(Evaluation.id)
+            .where(
+                or_(
+                    Evaluation.status == E.queued,
+                    and_(Evaluation.status == E.running, Evaluation.lease_expires_at < now),
+                )
+            )
+            .order_by(Evaluation.created_at)
+        )
+    )

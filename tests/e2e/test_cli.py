@@ -1,0 +1,179 @@
+"""The ``mergeline`` client commands against a live server: the embedded defaults, and
+PostgreSQL + Redis + SeaweedFS S3. Each command runs as its own process, as a person runs it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from tests.checkpoints import make_base, make_expert, max_relative_error, offline_merge
+from tests.conftest import PYTHON, ROOT, settings_env, wait_until
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Cli:
+    """Runs ``python -m app.cli ...`` (what the ``mergeline`` entry point calls) for one user."""
+
+    def __init__(self, url: str, token: str | None, state: Path) -> None:
+        self.env = settings_env()
+        self.env.update({"MERGELINE_URL": url, "MERGELINE_STATE_DIR": str(state), "MERGELINE_RETRY_FOR": "3"})
+        if token:
+            self.env["MERGELINE_TOKEN"] = token
+        self.env["COLUMNS"] = "200"
+
+    def popen(self, *args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [PYTHON, "-m", "app.cli", *args], env=self.env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+
+    def run(self, *args: str, ok: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [PYTHON, "-m", "app.cli", *args], env=self.env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        )
+        if ok:
+            assert done.returncode == 0, f"mergeline {' '.join(args)} -> {done.returncode}\n{done.stdout}\n{done.stderr}"
+        assert "Traceback" not in done.stderr, done.stderr
+        return done
+
+
+def one_line_error(done: subprocess.CompletedProcess) -> str:
+    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mergeline: "), done.stderr
+    return lines[0]
+
+
+def run_cli_flow(url: str, work: Path, token: str | None, *, everything: bool = True) -> None:
+    """create; push base + 3 experts; watch each; pull the last; equal to the offline merge.
+
+    ``everything``: also the listings, the defaults and every error line (once is enough: they
+    do not depend on the server's mode, and each command is a process start)."""
+    cli = Cli(url, token, work / "state")
+    base_path = work / "base.safetensors"
+    base = make_base(base_path)
+    experts = [work / f"expert{i}.safetensors" for i in (1, 2, 3)]
+    for i, path in enumerate(experts, start=1):
+        make_expert(base, path, seed=i)
+
+    stream_id = cli.run("create", "vit", "--method", "opcm", "--param", "alpha=0.5", "-q").stdout.strip()
+    assert len(stream_id) == 32
+    pushed = cli.run("push", stream_id, str(base_path), "--base")
+    assert "base accepted: version 0 is succeeded" in pushed.stdout
+    for n, path in enumerate(experts, start=1):
+        pushed = cli.run("push", stream_id, str(path), "--name", f"task{n}")
+        assert f"expert task{n} accepted: version {n}" in pushed.stdout, pushed.stdout
+        watched = cli.run("watch", stream_id, str(n))
+        assert f"version {n} succeeded" in watched.stdout, watched.stdout
+    out = work / "pulled"
+    pulled = cli.run("pull", stream_id, "3", str(out))
+    assert "sha256 checked" in pulled.stdout
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    assert [p.name for p in files] == [f"{stream_id}-v3.safetensors"]
+    reference = offline_merge("opcm", {"alpha": 0.5}, base_path, experts, work)
+    assert max_relative_error(files[0], reference) <= 1e-6
+    if not everything:
+        return
+
+    again = cli.run("push", stream_id, str(experts[1]), "--name", "task2")
+    assert "already had these bytes; version 2" in again.stdout
+    table = cli.run("versions", stream_id).stdout
+    rows = [line for line in table.splitlines() if "succeeded" in line]
+    assert len(rows) == 4 and all(f"task{n}" in table for n in (1, 2, 3))
+    assert stream_id in cli.run("streams").stdout
+    assert cli.run("watch", stream_id).returncode == 0  # default: the newest version
+    cli.run("pull", stream_id, str(work / "latest"))
+    assert sha(work / "latest" / f"{stream_id}-v3.safetensors") == sha(files[0])  # `pull STREAM DIR` is the latest
+
+    # Errors are one line and a non-zero exit, never a traceback.
+    if token:
+        line = one_line_error(Cli(url, "wrong-token", work / "state").run("streams", ok=False))
+        assert "unknown token" in line and "401" in line
+        line = one_line_error(Cli(url, None, work / "state").run("versions", stream_id, ok=False))
+        assert "missing Authorization header" in line
+    line = one_line_error(cli.run("versions", "f" * 32, ok=False))
+    assert "no stream" in line and "404" in line
+    line = one_line_error(cli.run("push", "f" * 32, str(base_path), ok=False))
+    assert "no stream" in line
+    line = one_line_error(cli.run("pull", stream_id, "99", str(work / "none"), ok=False))
+    assert "no version 99" in line
+    line = one_line_error(cli.run("create", "x", "--method", "nope", ok=False))
+    assert "unknown merge method" in line
+    line = one_line_error(Cli("http://127.0.0.1:9", token, work / "state").run("streams", ok=False))
+    assert "cannot reach http://127.0.0.1:9" in line
+
+
+def test_cli_flow_on_the_embedded_defaults(tmp_path: Path, start_api) -> None:
+    env = settings_env(data_dir=tmp_path / "var", device="cpu", tokens="tok-alice=alice")
+    url = start_api(env, serve=True)
+    run_cli_flow(url, tmp_path, "tok-alice")
+
+
+def test_cli_flow_on_postgres_redis_and_s3(tmp_path: Path, distributed_env: dict[str, str], start_api, start_worker) -> None:
+    url = start_api(distributed_env)
+    start_worker(distributed_env)
+    run_cli_flow(url, tmp_path, "tok-alice", everything=False)
+
+
+def test_watch_exits_non_zero_with_the_error_of_a_failed_fold(tmp_path: Path, sqlite_url: str, start_api, start_worker) -> None:
+    env = settings_env(data_dir=tmp_path / "var", database_url=sqlite_url, device="cpu", embedded_worker="false")
+    url = start_api(env)
+    cli = Cli(url, None, tmp_path / "state")
+    base = make_base(tmp_path / "base.safetensors")
+    make_expert(base, tmp_path / "e1.safetensors", seed=1)
+    stream_id = cli.run("create", "doomed", "-q").stdout.strip()
+    cli.run("push", stream_id, str(tmp_path / "base.safetensors"), "--base")
+    cli.run("push", stream_id, str(tmp_path / "e1.safetensors"))
+    # Behind the service's back, before any worker runs: the expert's object goes.
+    (expert_object,) = (tmp_path / "var" / "objects" / "streams" / stream_id / "experts").iterdir()
+    expert_object.unlink()
+    start_worker(env)
+    watched = cli.run("watch", stream_id, "1", ok=False)
+    assert watched.returncode == 1
+    last = watched.stderr.strip().splitlines()[-1]  # after the live progress bar: the error, in one line
+    assert last.startswith("mergeline: version 1 failed: stored object missing: ") and last.endswith("(object_missing)")
+
+
+def test_pull_killed_halfway_continues_and_checks_sha256(tmp_path: Path, start_api) -> None:
+    env = settings_env(data_dir=tmp_path / "var", device="cpu")
+    url = start_api(env, serve=True)
+    cli = Cli(url, None, tmp_path / "state")
+    # 16 MiB of 1-D weights: a large version that folds in no time (no projection on vectors).
+    g = torch.Generator().manual_seed(0)
+    base = {"big.bias": torch.randn(4 * 1024 * 1024, generator=g), "w.weight": torch.randn(8, 8, generator=g)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}, str(tmp_path / "e1.safetensors"))
+    stream_id = cli.run("create", "big", "-q").stdout.strip()
+    cli.run("push", stream_id, str(tmp_path / "base.safetensors"), "--base")
+    cli.run("push", stream_id, str(tmp_path / "e1.safetensors"))
+    cli.run("watch", stream_id, "1")
+
+    out = tmp_path / "out"
+    partial = out / ".mergeline-partial" / f"{stream_id}-v1.safetensors"
+    slow = cli.popen("pull", stream_id, "1", str(out), "--limit-rate", "4M")
+    try:
+        wait_until(lambda: partial.is_file() and partial.stat().st_size > 4 * 1024 * 1024, 60, 0.05, "half of the download")
+        os.kill(slow.pid, signal.SIGKILL)
+        slow.wait(10)
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+    had = partial.stat().st_size
+    total = (tmp_path / "var" / "objects" / "streams" / stream_id / "versions" / "1.safetensors").stat().st_size
+    assert 4 * 1024 * 1024 < had < total
+    started = time.monotonic()
+    done = cli.run("pull", stream_id, "1", str(out))
+    assert f"({total - had} of {total} bytes downloaded this time)" in done.stdout, done.stdout
+    assert time.monotonic() - started < 120
+    final = out / f"{stream_id}-v1.safetensors"
+    version = Cli(url, None, tmp_path / "state").run("versions", stream_id).stdout
+    assert sha(final)[:12] in version and not partial.exists()

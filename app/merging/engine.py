@@ -838,9 +838,9 @@ class _ScratchReader:
 
 @contextlib.contextmanager
 def _overlapped(f: _FoldInputs, orders: dict[str, list[str]], scratch: Any = None) -> Iterator[Any]:
-    """One pass with its reads ahead and its writes behind (when ``f.overlap``); yields the scratch to read."""
+    """One pass with reads ahead and writes behind (when ``f.overlap``); yields a reader ahead of ``scratch`` or None."""
     if not f.overlap:
-        yield scratch
+        yield None
         return
     saved = (f.base, f.previous, f.expert, f.sink)
     pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fold-read")

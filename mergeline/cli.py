@@ -259,10 +259,11 @@ def push_command(
         result = client.push(stream, path, name=name, base=base, on_total=on_total, on_progress=bar.on_progress)
     v = result.version
     what = "base" if result.role == "base" else f"expert {result.expert.name if result.expert else ''}".rstrip()
+    sent = f"(sent {result.sent_bytes} of {result.total_bytes} bytes)"
     if not result.created:
-        out.print(f"{what}: the server already had these bytes; version {v.number} is {v.status}", highlight=False)
+        out.print(f"{what}: the server already had these bytes; version {v.number} is {v.status} {sent}", highlight=False)
     else:
-        out.print(f"{what} accepted: version {v.number} is {v.status}", highlight=False)
+        out.print(f"{what} accepted: version {v.number} is {v.status} {sent}", highlight=False)
 
 
 @app.command("watch")

@@ -520,7 +520,7 @@ class Client:
             try:
                 session = self.get_upload(stream, session_id)
             except ApiError as exc:
-                if exc.status != 404:
+                if exc.status not in (404, 410):  # gone or expired: start a new session
                     raise
             if session is not None and (session.status != "open" or {f.path for f in session.files} != {f.path for f in files}):
                 session = None

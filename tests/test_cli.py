@@ -18,7 +18,7 @@ def run_cli(*args: str, **settings: object) -> subprocess.CompletedProcess:
 def test_cli_has_the_service_and_merging_commands() -> None:
     out = run_cli("--help")
     assert out.returncode == 0, out.stderr
-    for command in ("serve", "migrate", "worker", "merge", "fold"):
+    for command in ("serve", "migrate", "worker", "merge", "fold", "push", "watch", "pull", "streams", "versions", "create"):
         assert command in out.stdout
 
 
@@ -27,6 +27,12 @@ def test_serve_refuses_an_open_server_off_loopback(tmp_path) -> None:  # noqa: A
     assert out.returncode == 2
     assert "MERGELINE_TOKENS" in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "mergeline.db").exists()  # refused before touching anything
+
+
+def test_serve_host_flag_wins_over_the_variable_and_is_checked_the_same(tmp_path) -> None:  # noqa: ANN001
+    out = run_cli("serve", "--host", "0.0.0.0", "--port", "8123", host="127.0.0.1", data_dir=tmp_path)
+    assert out.returncode == 2
+    assert "MERGELINE_TOKENS" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_migrate_builds_the_database(tmp_path) -> None:  # noqa: ANN001

@@ -56,14 +56,35 @@ def _resend_runnable(**_: object) -> None:
 
 
 def _sweep_stalled() -> None:
-    """Every half lease, re-send folds whose worker died or whose message was lost (see resend_stalled)."""
+    """Every half lease, re-send folds (and evaluations) whose worker died or whose message was lost."""
+    from app.services import evaluations
     from app.services.folds import resend_stalled
     from workers.tasks import context
 
     interval = max(1.0, get_settings().fold_lease_seconds / 2)
+    last_upload_sweep = 0.0
     while True:
         time.sleep(interval)
         try:
             resend_stalled(context())
+            evaluations.resend_stalled(context())
         except Exception:  # the database or broker is away; the next sweep tries again
             log.warning("stall sweep failed", exc_info=True)
+        if time.monotonic() - last_upload_sweep >= UPLOAD_SWEEP_SECONDS:
+            last_upload_sweep = time.monotonic()
+            _sweep_uploads()
+
+
+# Expired upload sessions lose their staged files this often (and whenever a new session starts).
+UPLOAD_SWEEP_SECONDS = 60.0
+
+
+def _sweep_uploads() -> None:
+    from app.services.upload_sessions import sweep_expired
+    from workers.tasks import context
+
+    ctx = context()
+    try:
+        sweep_expired(ctx.db, ctx.store)
+    except Exception:
+        log.warning("upload session sweep failed", exc_info=True)

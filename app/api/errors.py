@@ -14,12 +14,17 @@ from starlette.requests import ClientDisconnect
 
 from app.schemas.streams import NAME_PATTERN
 from app.services.errors import CHECKPOINT_STATUS, ServiceError
+from app.storage import StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"code": code, "message": message}}, headers=headers)
+def error_response(
+    status: int, code: str, message: str, headers: dict | None = None, extra: dict | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        status_code=status, content={"error": {"code": code, "message": message, **(extra or {})}}, headers=headers
+    )
 
 
 def checkpoint_error_status(exc: Exception) -> int:
@@ -32,7 +37,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service(_: Request, exc: ServiceError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-        return error_response(exc.status_code, exc.code, exc.message, headers)
+        return error_response(exc.status_code, exc.code, exc.message, headers, getattr(exc, "extra", None))
 
     @app.exception_handler(CheckpointError)
     async def _checkpoint(_: Request, exc: Exception) -> JSONResponse:
@@ -53,6 +58,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(StoreError)
+    async def _store(_: Request, exc: StoreError) -> JSONResponse:
+        log.warning("object store error: %s", exc)
+        if isinstance(exc, StoreUnavailable):
+            return error_response(503, "store_unavailable", "the object store is unavailable; retry shortly")
+        return error_response(503, "store_error", "the object store refused the operation; retry shortly")
 
     @app.exception_handler(ClientDisconnect)
     async def _disconnect(_: Request, exc: ClientDisconnect) -> JSONResponse:

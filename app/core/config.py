@@ -84,6 +84,16 @@ class Settings(BaseSettings):
     # Limits on what the API accepts.
     max_header_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
     max_upload_bytes: int = Field(default=64 * 1024**3, ge=1024)
+    # Upload sessions (DESIGN §3.1): files per session, bytes per file and per session, JSON files'
+    # size, path length (UTF-8 bytes) and depth, how long an idle session lives, and the write lease.
+    upload_max_files: int = Field(default=10_000, ge=1)
+    upload_max_file_bytes: int = Field(default=64 * 1024**3, ge=1)
+    upload_max_total_bytes: int = Field(default=1024**4, ge=1)
+    upload_max_json_bytes: int = Field(default=16 * 1024 * 1024, ge=1024)
+    upload_max_path_bytes: int = Field(default=512, ge=16, le=1024)
+    upload_max_path_depth: int = Field(default=16, ge=1)
+    upload_ttl_seconds: int = Field(default=24 * 3600, ge=1)
+    upload_lease_seconds: float = Field(default=60.0, gt=0)
 
     log_level: str = "INFO"
 

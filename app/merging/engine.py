@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import torch
 
 from app.merging import safetensors_io as stio
-from app.merging.errors import CheckpointError, DtypeMismatch, InvalidParams, InvalidState, MemoryBudgetExceeded
+from app.merging.errors import CheckpointError, InvalidParams, InvalidState, MemoryBudgetExceeded
 from app.merging.finite import check_finite_tensor
 from app.merging.processing.base import PostprocessStep, PreprocessStep
 from app.merging.protocol import (
@@ -423,11 +423,7 @@ def _check_inputs(base: TensorSource, previous: TensorSource | None, expert: Ten
     stio.check_compatible(base, expert, what="expert")
     if previous is not None:
         stio.check_compatible(base, previous, what="previous version")
-    for name, spec in base.tensors.items():
-        if spec.is_floating and spec.dtype not in stio.MERGEABLE_DTYPES:
-            raise DtypeMismatch(
-                f"tensor {name!r} is {spec.dtype}; folds compute on F16, BF16, F32 and F64 tensors only", tensor=name
-            )
+    stio.check_mergeable(base.tensors)
 
 
 # --------------------------------------------------------------------------- the fold

@@ -42,6 +42,12 @@ class DtypeMismatch(CheckpointError):
     code = "dtype_mismatch"
 
 
+class UnsupportedDtype(CheckpointError):
+    """A floating dtype folds cannot compute on (float8)."""
+
+    code = "unsupported_dtype"
+
+
 class NonFiniteTensor(CheckpointError):
     code = "non_finite"
 

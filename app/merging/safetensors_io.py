@@ -35,6 +35,7 @@ from app.merging.errors import (
     NotSafetensors,
     ShapeMismatch,
     TruncatedCheckpoint,
+    UnsupportedDtype,
 )
 from app.merging.finite import check_finite_tensor
 
@@ -103,6 +104,34 @@ class Header:
 
 
 # --------------------------------------------------------------------------- header validation
+
+
+# Magic numbers of the formats people upload by mistake. Both carry pickles, which run code
+# when loaded: they are recognised by their first bytes and never opened.
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTOCOLS = {bytes([0x80, p]) for p in range(2, 6)}
+
+
+def sniff_format(first: bytes, *, what: str = "the file") -> None:
+    """Refuse, from its first (up to 9) bytes, a file that is clearly not safetensors, naming its format."""
+    if first.startswith(_ZIP_MAGIC) or first[:2] in _PICKLE_PROTOCOLS:
+        raise NotSafetensors(
+            f"{what} is a pickle-based PyTorch checkpoint (torch.save), which can run code when loaded; "
+            "mergeline accepts only safetensors: convert it with safetensors.torch.save_file"
+        )
+    if len(first) >= 9 and first[8:9] != b"{":
+        raise NotSafetensors(
+            f"{what} is not a safetensors file: the header after the 8-byte length must be a JSON object (start with '{{')"
+        )
+
+
+def check_mergeable(tensors: Mapping[str, TensorSpec]) -> None:
+    """Refuse floating tensors of a dtype folds do not compute on (float8)."""
+    for name, spec in tensors.items():
+        if spec.is_floating and spec.dtype not in MERGEABLE_DTYPES:
+            raise UnsupportedDtype(
+                f"tensor {name!r} is {spec.dtype}; folds compute on F16, BF16, F32 and F64 tensors only", tensor=name
+            )
 
 
 def header_length(first8: bytes, *, max_header_bytes: int) -> int:
@@ -210,8 +239,7 @@ def read_header(path: str | os.PathLike[str], *, max_header_bytes: int = DEFAULT
     try:
         with open(path, "rb") as f:
             first = f.read(9)
-            if len(first) == 9 and first[8:9] != b"{":  # every safetensors header is a JSON object
-                raise NotSafetensors(f"{path.name} is not a safetensors file (no JSON header after the length)")
+            sniff_format(first, what=path.name)
             length = header_length(first[:8], max_header_bytes=max_header_bytes)
             header_json = first[8:] + f.read(length - 1)
             size = os.fstat(f.fileno()).st_size

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, and_, or_, select, update
+from sqlalchemy import Connection, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.models import Evaluation, EvaluationStatus
@@ -95,3 +96,26 @@ def runnable(session: Session, *, now: float) -> list[str]:
             .order_by(Evaluation.created_at)
         )
     )
+
+
+def take_stalled(session: Session, *, now: float, quiet_for: float) -> list[str]:
+    """Evaluations no live worker runs: running under a lapsed lease (a dead worker), or queued for
+    longer than ``quiet_for`` (a lost message). Each is handed out once per ``quiet_for`` seconds
+    (the conditional UPDATE lets one sweeper take it), as the fold sweep does."""
+    cutoff = datetime.fromtimestamp(now - quiet_for, UTC)
+    expired = and_(Evaluation.status == E.running, Evaluation.lease_expires_at < now)
+    forgotten = and_(
+        Evaluation.status == E.queued, func.coalesce(Evaluation.lease_expires_at, 0) < now, Evaluation.created_at < cutoff
+    )
+    taken = []
+    candidates = session.scalars(select(Evaluation.id).where(or_(expired, forgotten)).order_by(Evaluation.created_at)).all()
+    for evaluation_id in candidates:
+        result = session.execute(
+            update(Evaluation)
+            .where(Evaluation.id == evaluation_id, or_(expired, forgotten))
+            .values(status=E.queued, lease_owner=None, lease_expires_at=now + quiet_for)
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount == 1:
+            taken.append(evaluation_id)
+    return taken

@@ -14,6 +14,12 @@ class ServiceError(Exception):
             self.code = code
         if status_code is not None:
             self.status_code = status_code
+        self.extra: dict[str, object] = {}
+
+    def with_extra(self, **extra: object) -> ServiceError:
+        """Add fields beside ``code`` and ``message`` in the error body (what a client acts on, e.g. ``received``)."""
+        self.extra.update(extra)
+        return self
 
 
 class Unauthorized(ServiceError):
@@ -49,6 +55,7 @@ CHECKPOINT_STATUS = {
     "key_mismatch": 422,
     "shape_mismatch": 422,
     "dtype_mismatch": 422,
+    "unsupported_dtype": 422,
     "non_finite": 422,
     "invalid_params": 422,
     "invalid_state": 422,

@@ -145,6 +145,18 @@ def run_evaluation(ctx, evaluation_id: str, *, owner: str | None = None) -> str:
     return "succeeded"
 
 
+def resend_stalled(ctx) -> int:  # noqa: ANN001 - a folds.FoldContext
+    """The stall sweep's part for evaluations: a dead worker's or a lost message's evaluation is sent again."""
+    from app.services.folds import STALL_QUIET_SECONDS
+
+    with ctx.db.session() as session:
+        ids = evaluations_repo.take_stalled(session, now=time.time(), quiet_for=STALL_QUIET_SECONDS)
+    for evaluation_id in ids:
+        log.warning("evaluation %s stalled (dead worker or lost message): sending it again", evaluation_id)
+        ctx.queue.send_evaluation(evaluation_id)
+    return len(ids)
+
+
 def resend_runnable(ctx) -> int:  # noqa: ANN001 - a folds.FoldContext
     """Send every evaluation that no live worker holds (at worker start: a lost message never loses one)."""
     with ctx.db.session() as session:

@@ -138,6 +138,7 @@ def run_isolated(
                 "params": params,
                 "answer": str(answer),
                 "allowed_modules": allowed_modules,
+                "parent_pid": os.getpid(),
             }
         )
     )
@@ -173,9 +174,23 @@ def _kill_group(child: subprocess.Popen) -> None:
     child.wait(timeout=10)
 
 
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Linux: be killed if the worker that started us dies (a killed worker must not leave a hung plugin)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the timeout still applies while the worker lives
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:  # it died before prctl took effect
+        os._exit(1)
+
+
 def _child_main(request_path: str) -> int:
     """In the child: load the plugin, evaluate, write {"metrics"} or {"error"} to the answer file."""
     request = json.loads(Path(request_path).read_text())
+    _die_with_parent(request.get("parent_pid"))
     answer = Path(request["answer"])
     device = request["device"]
     try:

@@ -29,7 +29,7 @@ from app.repositories import experts as experts_repo
 from app.repositories import streams as streams_repo
 from app.repositories import versions as versions_repo
 from app.services.queue import FoldQueue
-from app.storage import ObjectNotFound, ObjectStore, base_key, version_key
+from app.storage import ObjectNotFound, ObjectStore, StoreUnavailable, base_key, version_key
 
 log = logging.getLogger(__name__)
 
@@ -64,21 +64,7 @@ class LeaseLost(Exception):
 
 
 def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, OperationalError | ConnectionError | TimeoutError):
-        return True
-    try:
-        from boto3.exceptions import S3UploadFailedError
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        if isinstance(exc, S3UploadFailedError):  # boto3's transfer manager wraps the connection error
-            return True
-
-        if isinstance(exc, ClientError):
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            return status >= 500 or status == 0
-        return isinstance(exc, BotoCoreError)
-    except ImportError:  # pragma: no cover
-        return False
+    return isinstance(exc, OperationalError | ConnectionError | TimeoutError | StoreUnavailable)
 
 
 class _Heartbeat(threading.Thread):

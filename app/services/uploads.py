@@ -42,17 +42,42 @@ BLOCK_BYTES = 8 * 1024 * 1024
 
 
 @dataclass
-class SpooledCheckpoint:
-    """An upload that arrived whole and valid, waiting on local disk to be stored."""
+class ReceivedCheckpoint:
+    """A single-file checkpoint that arrived whole and valid, waiting to be stored under its key."""
 
-    path: Path
     sha256: str
     size: int
     header: Any  # app.merging.safetensors_io.Header
     header_json: bytes
 
+    def store_as(self, store: ObjectStore, key: str) -> None:
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        """Drop what is left of the upload (no error if nothing is)."""
+
+
+@dataclass
+class SpooledCheckpoint(ReceivedCheckpoint):
+    """A raw-body upload, spooled to local disk."""
+
+    path: Path = Path()
+
+    def store_as(self, store: ObjectStore, key: str) -> None:
+        store.put_file(key, self.path, move=True)
+
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class StagedCheckpoint(ReceivedCheckpoint):
+    """An upload session's single file, staged whole in the object store at ``key``."""
+
+    key: str = ""
+
+    def store_as(self, store: ObjectStore, key: str) -> None:
+        store.copy(self.key, key)  # server-side on S3; the session removes its staged files afterwards
 
 
 def __getattr__(name: str) -> Any:
@@ -87,56 +112,54 @@ def _process_block(out: BinaryIO, hasher: Any, scan: FiniteScan, pos: int, chunk
     )
 
 
-async def spool_checkpoint(
-    chunks: AsyncIterator[bytes],
-    *,
-    spool_dir: Path,
-    max_header_bytes: int,
-    max_upload_bytes: int,
-    declared_length: int | None = None,
-    check_header: Callable[[Any], None] | None = None,
-) -> SpooledCheckpoint:
-    """Receive a safetensors body: header checks first, then the bytes to disk while hashing them."""
-    from app.merging import safetensors_io as stio
-    from app.merging.finite import FiniteScan
+class _Body:
+    """The start of a request body, buffered until the safetensors header is whole."""
 
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self.iterator = chunks.__aiter__()
+        self.buf = bytearray()
+
+    async def fill(self, n: int) -> bool:
+        while len(self.buf) < n:
+            try:
+                chunk = await self.iterator.__anext__()
+            except StopAsyncIteration:
+                return False
+            self.buf.extend(chunk)
+        return True
+
+
+def _refuse_declared_length(declared_length: int | None, max_upload_bytes: int) -> None:
     if declared_length is not None and declared_length > max_upload_bytes:
         raise PayloadTooLarge(
             f"the body is {declared_length} bytes; this server accepts at most {max_upload_bytes}",
             code="upload_too_large",
         )
-    iterator = chunks.__aiter__()
-    buf = bytearray()
 
-    async def fill(n: int) -> bool:
-        while len(buf) < n:
-            try:
-                chunk = await iterator.__anext__()
-            except StopAsyncIteration:
-                return False
-            buf.extend(chunk)
-        return True
 
-    if not await fill(8):
-        if not buf:
+async def _read_header(body: _Body, max_header_bytes: int) -> tuple[int, bytes]:
+    """The header length and JSON, from the body's first bytes (the format sniffed first)."""
+    from app.merging import safetensors_io as stio
+
+    if not await body.fill(8):
+        if not body.buf:
             raise ServiceError("the body is empty: send the raw .safetensors file", code="not_safetensors")
         raise ServiceError(
-            f"the body is {len(buf)} bytes, too short to be a safetensors file", code="not_safetensors"
+            f"the body is {len(body.buf)} bytes, too short to be a safetensors file", code="not_safetensors"
         )
-    await fill(9)
-    _refuse_other_formats(bytes(buf[:9]))
-    header_len = stio.header_length(bytes(buf[:8]), max_header_bytes=max_header_bytes)
-    if not await fill(8 + header_len):
+    await body.fill(9)
+    stio.sniff_format(bytes(body.buf[:9]), what="the body")
+    header_len = stio.header_length(bytes(body.buf[:8]), max_header_bytes=max_header_bytes)
+    if not await body.fill(8 + header_len):
         raise ServiceError(
-            f"the body ends after {len(buf)} bytes, inside the {header_len}-byte safetensors header",
+            f"the body ends after {len(body.buf)} bytes, inside the {header_len}-byte safetensors header",
             code="truncated",
         )
-    header_json = bytes(buf[8 : 8 + header_len])
-    header = stio.parse_header(header_json)
-    check_upload_header(header)
-    if check_header is not None:
-        check_header(header)
-    expected = 8 + header_len + header.data_size
+    return header_len, bytes(body.buf[8 : 8 + header_len])
+
+
+def _check_sizes(expected: int, buffered: int, *, max_upload_bytes: int, declared_length: int | None) -> None:
+    """The file size the header declares against the server's limit, Content-Length and what arrived."""
     if expected > max_upload_bytes:
         raise PayloadTooLarge(
             f"the header declares a {expected}-byte file; this server accepts at most {max_upload_bytes}",
@@ -148,22 +171,20 @@ async def spool_checkpoint(
             f"Content-Length is {declared_length} bytes but the safetensors header declares {expected}",
             code=kind,
         )
-    if len(buf) > expected:
+    if buffered > expected:
         raise ServiceError(
             f"the body is longer than the {expected} bytes its safetensors header declares", code="trailing_data"
         )
 
-    spool_dir.mkdir(parents=True, exist_ok=True)
-    out = tempfile.NamedTemporaryFile(dir=spool_dir, prefix="upload-", suffix=".safetensors", delete=False)
-    path = Path(out.name)
-    hasher = hashlib.sha256()
-    received = len(buf)
-    scan = FiniteScan(header, 8 + header_len)
+
+async def _spool_body(body: _Body, out: BinaryIO, hasher: Any, scan: FiniteScan, expected: int) -> int:
+    """Write the rest of the body to ``out`` in blocks, hashing and scanning each; the bytes received."""
+    received = len(body.buf)
+    block: list[bytes] = [bytes(body.buf)]
+    block_pos, block_size = 0, len(body.buf)
     pending: asyncio.Future | None = None
     try:
-        block: list[bytes] = [bytes(buf)]
-        block_pos, block_size = 0, len(buf)
-        async for chunk in iterator:
+        async for chunk in body.iterator:
             received += len(chunk)
             if received > expected:
                 raise ServiceError(
@@ -188,38 +209,51 @@ async def spool_checkpoint(
             )
         if block:
             await _process_block(out, hasher, scan, block_pos, block)
-        out.close()
     except BaseException:
         if pending is not None:
             try:
                 await pending
             except Exception:
                 pass
+        raise
+    return received
+
+
+async def spool_checkpoint(
+    chunks: AsyncIterator[bytes],
+    *,
+    spool_dir: Path,
+    max_header_bytes: int,
+    max_upload_bytes: int,
+    declared_length: int | None = None,
+    check_header: Callable[[Any], None] | None = None,
+) -> SpooledCheckpoint:
+    """Receive a safetensors body: header checks first, then the bytes to disk while hashing them."""
+    from app.merging import safetensors_io as stio
+    from app.merging.finite import FiniteScan
+
+    _refuse_declared_length(declared_length, max_upload_bytes)
+    body = _Body(chunks)
+    header_len, header_json = await _read_header(body, max_header_bytes)
+    header = stio.parse_header(header_json)
+    check_upload_header(header)
+    if check_header is not None:
+        check_header(header)
+    expected = 8 + header_len + header.data_size
+    _check_sizes(expected, len(body.buf), max_upload_bytes=max_upload_bytes, declared_length=declared_length)
+
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    out = tempfile.NamedTemporaryFile(dir=spool_dir, prefix="upload-", suffix=".safetensors", delete=False)
+    path = Path(out.name)
+    hasher = hashlib.sha256()
+    try:
+        received = await _spool_body(body, out, hasher, FiniteScan(header, 8 + header_len), expected)
+        out.close()
+    except BaseException:
         out.close()
         path.unlink(missing_ok=True)
         raise
     return SpooledCheckpoint(path=path, sha256=hasher.hexdigest(), size=received, header=header, header_json=header_json)
-
-
-# Magic numbers of the formats people upload by mistake. Both carry pickles, which run code
-# when loaded: they are recognised by their first bytes and never opened.
-_ZIP_MAGIC = b"PK\x03\x04"
-_PICKLE_PROTOCOLS = {bytes([0x80, p]) for p in range(2, 6)}
-
-
-def _refuse_other_formats(first: bytes) -> None:
-    """Name the format of an upload that is clearly not safetensors, from its first bytes."""
-    if first.startswith(_ZIP_MAGIC) or first[:2] in _PICKLE_PROTOCOLS:
-        raise ServiceError(
-            "this is a pickle-based PyTorch checkpoint (torch.save), which can run code when loaded; "
-            "mergeline accepts only safetensors: convert it with safetensors.torch.save_file",
-            code="not_safetensors",
-        )
-    if len(first) == 9 and first[8:9] != b"{":
-        raise ServiceError(
-            "not a safetensors file: the header after the 8-byte length must be a JSON object (start with '{')",
-            code="not_safetensors",
-        )
 
 
 def check_upload_header(header: Any) -> None:
@@ -232,21 +266,16 @@ def check_upload_header(header: Any) -> None:
 
     if not header.tensors:
         raise ServiceError("the checkpoint has no tensors: there is nothing to merge", code="no_tensors")
-    for name, spec in header.tensors.items():
+    for name in header.tensors:
         if "/" in name or "\\" in name or name.strip(".") == "":
             raise ServiceError(
                 f"tensor name {name[:80]!r} contains a path separator ('/' or '\\') or is made only of dots ('.', '..')",
                 code="invalid_tensor_name",
             )
-        if spec.is_floating and spec.dtype not in stio.MERGEABLE_DTYPES:
-            raise ServiceError(
-                f"tensor {name!r} is {spec.dtype}; folds compute on F16, BF16, F32 and F64 tensors only",
-                code="unsupported_dtype",
-                status_code=422,
-            )
+    stio.check_mergeable(header.tensors)
 
 
-def accept_base(session: Session, store: ObjectStore, stream: Stream, spooled: SpooledCheckpoint) -> Version:
+def accept_base(session: Session, store: ObjectStore, stream: Stream, spooled: ReceivedCheckpoint) -> Version:
     """Make the upload the stream's base (version 0); 409 if it already has one."""
     if not streams_repo.set_base(
         session, stream.id, sha256=spooled.sha256, size=spooled.size, header=spooled.header_json.decode()
@@ -270,7 +299,7 @@ def accept_base(session: Session, store: ObjectStore, stream: Stream, spooled: S
     )
     key = base_key(stream.id)
     # The conditional UPDATE above holds the stream row until commit: only this request writes the key.
-    store.put_file(key, spooled.path, move=True)
+    spooled.store_as(store, key)
     on_rollback(session, lambda: store.delete(key))
     session.refresh(stream)
     if stream.champion:
@@ -286,7 +315,7 @@ def accept_expert(
     queue: FoldQueue,
     stream: Stream,
     name: str | None,
-    spooled: SpooledCheckpoint,
+    spooled: ReceivedCheckpoint,
 ) -> tuple[Expert, Version, bool]:
     """Store an expert and queue its version; (existing, False) if the same bytes were sent before."""
     existing = _existing(session, stream.id, spooled.sha256)
@@ -297,7 +326,7 @@ def accept_expert(
     expert_id = new_id()
     key = expert_key(stream.id, expert_id)
     # Store first, outside the stream lock, so concurrent uploads overlap their transfers.
-    store.put_file(key, spooled.path, move=True)
+    spooled.store_as(store, key)
     on_rollback(session, lambda: store.delete(key))
 
     number = streams_repo.allocate_version_number(session, stream.id)  # serializes this stream's uploads
@@ -334,11 +363,11 @@ def accept_expert(
     return expert, version, True
 
 
-def _restore_if_missing(store: ObjectStore, expert: Expert, spooled: SpooledCheckpoint) -> None:
+def _restore_if_missing(store: ObjectStore, expert: Expert, spooled: ReceivedCheckpoint) -> None:
     """Same sha256, same bytes: put a lost expert object back, so its failed fold can be retried."""
     if not store.exists(expert.object_key):
         log.warning("expert %s was missing from the store; restored from a re-upload", expert.id)
-        store.put_file(expert.object_key, spooled.path, move=True)
+        spooled.store_as(store, expert.object_key)
 
 
 def _existing(session: Session, stream_id: str, sha256: str) -> tuple[Expert, Version] | None:

@@ -3,7 +3,18 @@
 from __future__ import annotations
 
 from app.core.config import Settings
-from app.storage.base import ObjectNotFound, ObjectStore, base_key, expert_key, version_key
+from app.storage.base import (
+    ObjectNotFound,
+    ObjectStore,
+    StagedWriter,
+    StoreError,
+    StoreUnavailable,
+    base_key,
+    expert_key,
+    upload_key,
+    upload_prefix,
+    version_key,
+)
 from app.storage.local import LocalStore
 
 
@@ -24,4 +35,17 @@ def create_store(settings: Settings) -> ObjectStore:
     return LocalStore(settings.store_path)
 
 
-__all__ = ["LocalStore", "ObjectNotFound", "ObjectStore", "base_key", "create_store", "expert_key", "version_key"]
+__all__ = [
+    "LocalStore",
+    "ObjectNotFound",
+    "ObjectStore",
+    "StagedWriter",
+    "StoreError",
+    "StoreUnavailable",
+    "base_key",
+    "create_store",
+    "expert_key",
+    "upload_key",
+    "upload_prefix",
+    "version_key",
+]

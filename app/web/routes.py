@@ -80,12 +80,19 @@ def install(app: Any) -> None:
 # --- the pages' data --------------------------------------------------------------------------------
 
 
-def _stream_data(session: Any, tenant: str, stream_id: str) -> tuple[Any, list[VersionPublic]]:
+def _stream_data(session: Any, tenant: str, stream_id: str) -> tuple[Any, list[VersionPublic], dict[int, list[str]]]:
     from app.repositories import versions as versions_repo
+    from app.services import aliases as aliases_service
 
     stream = streams_service.get_stream(session, tenant, stream_id)
     view = streams_service.stream_views(session, [stream])[0]
-    return view, streams_service.version_views(session, versions_repo.list_for_stream(session, stream.id))
+    versions = streams_service.version_views(session, versions_repo.list_for_stream(session, stream.id))
+    # Aliases pointing at this stream's versions, shown beside them (one pointing into a replay is listed on the replay).
+    labels: dict[int, list[str]] = {}
+    for alias in aliases_service.list_aliases(session, stream).aliases:
+        if alias.stream_id == stream.id:
+            labels.setdefault(alias.version, []).append(alias.name)
+    return view, versions, labels
 
 
 async def _read(runtime: Any, fn: Any, *args: Any) -> Any:
@@ -96,22 +103,25 @@ async def _read(runtime: Any, fn: Any, *args: Any) -> Any:
     return await run_in_threadpool(run)
 
 
-def signature(versions: list[VersionPublic]) -> str:
-    """Changes when the page must be redrawn: a version added, a status changed, metrics or evaluations arrived."""
+def signature(versions: list[VersionPublic], aliases: dict[int, list[str]]) -> str:
+    """Changes when the page must be redrawn: a version added, a status changed, metrics or
+    evaluations arrived, an alias moved."""
     parts = [
-        (v.number, v.status, bool(v.metrics), len(getattr(v, "evaluations", None) or []), v.error.code if v.error else None)
+        [v.number, v.status, bool(v.metrics), [e.status for e in v.evaluations], v.error.code if v.error else None]
         for v in versions
     ]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    moved = sorted((n, sorted(names)) for n, names in aliases.items())
+    return hashlib.sha256(json.dumps([parts, moved]).encode()).hexdigest()[:16]
 
 
-def _panel_context(stream: Any, versions: list[VersionPublic]) -> dict[str, Any]:
+def _panel_context(stream: Any, versions: list[VersionPublic], aliases: dict[int, list[str]]) -> dict[str, Any]:
     return {
         "stream": stream,
         "versions": versions,
+        "aliases": aliases,
         "lineage": charts.lineage_svg(versions),
         "plots": [charts.plot_svg(p) for p in charts.plots_for(versions)],
-        "signature": signature(versions),
+        "signature": signature(versions, aliases),
     }
 
 
@@ -169,26 +179,26 @@ async def static(name: str) -> Response:
 @router.get("/streams/{stream_id}", response_class=HTMLResponse)
 async def stream_page(stream_id: str, runtime: RuntimeDep, tenant: PageTenant) -> HTMLResponse:
     try:
-        stream, versions = await _read(runtime, _stream_data, tenant, stream_id)
+        stream, versions, aliases = await _read(runtime, _stream_data, tenant, stream_id)
     except ServiceError as exc:
         return _not_found_page(exc)
-    return render("stream.html", poll_ms=POLL_MS, **_panel_context(stream, versions))
+    return render("stream.html", poll_ms=POLL_MS, **_panel_context(stream, versions, aliases))
 
 
 @router.get("/streams/{stream_id}/panel", response_class=HTMLResponse)
 async def stream_panel(stream_id: str, runtime: RuntimeDep, tenant: UiTenant) -> HTMLResponse:
     """The redrawable part of the stream page (what the script swaps in when the signature changes)."""
-    stream, versions = await _read(runtime, _stream_data, tenant, stream_id)
-    return render("panel.html", **_panel_context(stream, versions))
+    stream, versions, aliases = await _read(runtime, _stream_data, tenant, stream_id)
+    return render("panel.html", **_panel_context(stream, versions, aliases))
 
 
 @router.get("/streams/{stream_id}/state.json")
 async def stream_state(stream_id: str, runtime: RuntimeDep, tenant: UiTenant) -> JSONResponse:
     """What the script polls: each version's status and progress, and the redraw signature."""
-    _, versions = await _read(runtime, _stream_data, tenant, stream_id)
+    _, versions, aliases = await _read(runtime, _stream_data, tenant, stream_id)
     return JSONResponse(
         {
-            "signature": signature(versions),
+            "signature": signature(versions, aliases),
             "versions": [{"number": v.number, "status": v.status, "progress": v.progress} for v in versions],
         },
         headers={"Cache-Control": "no-store"},

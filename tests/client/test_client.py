@@ -51,6 +51,8 @@ def test_streams_uploads_versions_and_downloads(api, tmp_path: Path) -> None:
     pushed = c.push(stream.id, base_path, base=True)
     assert pushed.role == "base" and pushed.version.number == 0 and pushed.version.sha256 == sha(base_path)
     assert pushed.sent_bytes == pushed.total_bytes == base_path.stat().st_size
+    assert pushed.session_id is not None  # through an upload session (DESIGN §3.1)
+    assert c.get_upload(stream.id, pushed.session_id).status == "completed"
     assert c.get_stream(stream.id).base.sha256 == sha(base_path)
 
     expert_path = tmp_path / "e1.safetensors"
@@ -241,3 +243,41 @@ def test_aliases_evaluations_and_replays(api, tmp_path: Path) -> None:
     with pytest.raises(ApiError) as caught:
         client_for(api, tmp_path, token="tok-bob").create_replay(stream_id, "theirs")
     assert caught.value.status == 404
+
+
+def test_upload_session_calls_and_a_resumed_push(api, tmp_path: Path) -> None:
+    from mergeline.client import checkpoint_files
+
+    c = client_for(api, tmp_path, chunk_size=1000)  # several PUTs per file, each continuing the last
+    stream_id = api.new_stream()
+    base = make_base(tmp_path / "base.safetensors")
+    path = tmp_path / "e1.safetensors"
+    make_expert(base, path, seed=1)
+    (f,) = checkpoint_files(path)
+    declared = [{"path": f.path, "size": f.size, "sha256": f.sha256}]
+
+    session = c.create_upload(stream_id, role="expert", files=declared, name="abandoned")
+    assert session.status == "open" and [(x.path, x.received) for x in session.files] == [(f.path, 0)]
+    part = c.upload_file_part(stream_id, session.id, f, 0, 1000)
+    assert (part.received, part.complete) == (1000, False)
+    assert c.get_upload(stream_id, session.id).files[0].received == 1000
+    with pytest.raises(ApiError) as caught:  # not from where the file stopped
+        c.upload_file_part(stream_id, session.id, f, 0, 1000)
+    assert caught.value.status == 409 and caught.value.code == "range_mismatch"
+    with pytest.raises(ApiError) as caught:  # a file not yet whole
+        c.complete_upload(stream_id, session.id)
+    assert caught.value.status in (409, 422)
+    c.delete_upload(stream_id, session.id)
+    assert c.get_upload(stream_id, session.id).status == "abandoned"
+
+    # A push whose earlier run stopped after 1000 bytes: the remembered session continues.
+    session = c.create_upload(stream_id, role="expert", files=declared, name="task1")
+    c.upload_file_part(stream_id, session.id, f, 0, 1000)
+    from mergeline.client import folder_sha256
+
+    c.state.put(" ".join([c.url, stream_id, "expert", folder_sha256([(f.path, f.sha256)])]), session.id)
+    seen: list[tuple[int, int]] = []
+    pushed = c.push(stream_id, path, name="task1", on_total=lambda total, already: seen.append((total, already)))
+    assert seen == [(f.size, 1000)] and pushed.session_id == session.id
+    assert pushed.sent_bytes == f.size - 1000 and pushed.created and pushed.version.number == 1
+    assert c.state._load() == {}

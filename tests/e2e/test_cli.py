@@ -10,11 +10,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
 from tests.checkpoints import make_base, make_expert, max_relative_error, offline_merge
-from tests.conftest import PYTHON, ROOT, settings_env, wait_until
+from tests.conftest import PYTHON, ROOT, ServiceProcess, free_port, settings_env, wait_until
 
 
 def sha(path: Path) -> str:
@@ -112,10 +113,103 @@ def run_cli_flow(url: str, work: Path, token: str | None, *, everything: bool = 
     assert "cannot reach http://127.0.0.1:9" in line
 
 
-def test_cli_flow_on_the_embedded_defaults(tmp_path: Path, start_api) -> None:
-    env = settings_env(data_dir=tmp_path / "var", device="cpu", tokens="tok-alice=alice")
-    url = start_api(env, serve=True)
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """One ``mergeline serve --port`` (embedded defaults, API + worker) for this module's tests:
+    each test works in its own streams, and a server start costs seconds."""
+    import httpx
+
+    root = tmp_path_factory.mktemp("embedded")
+    port = free_port()
+    env = settings_env(data_dir=root / "var", device="cpu", tokens="tok-alice=alice,tok-bob=bob")
+    proc = ServiceProcess([PYTHON, "-m", "app.cli", "serve", "--port", str(port)], env, root / "serve.log", ROOT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: proc.proc.poll() is None and httpx.get(f"{url}/livez", timeout=2).status_code == 200, 90, 0.2, "serve")
+        yield url, root / "var"
+    finally:
+        proc.stop()
+
+
+def test_cli_flow_on_the_embedded_defaults(tmp_path: Path, embedded) -> None:  # noqa: ANN001
+    url, _ = embedded
     run_cli_flow(url, tmp_path, "tok-alice")
+
+
+def test_pull_killed_halfway_continues_and_checks_sha256(tmp_path: Path, embedded) -> None:  # noqa: ANN001
+    url, data = embedded
+    cli = Cli(url, "tok-alice", tmp_path / "state")
+    # 16 MiB of 1-D weights: a large version that folds in no time (no projection on vectors).
+    g = torch.Generator().manual_seed(0)
+    base = {"big.bias": torch.randn(4 * 1024 * 1024, generator=g), "w.weight": torch.randn(8, 8, generator=g)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}, str(tmp_path / "e1.safetensors"))
+    stream_id = cli.run("create", "big", "-q").stdout.strip()
+    cli.run("push", stream_id, str(tmp_path / "base.safetensors"), "--base")
+    cli.run("push", stream_id, str(tmp_path / "e1.safetensors"))
+    cli.run("watch", stream_id, "1")
+
+    out = tmp_path / "out"
+    partial = out / ".mergeline-partial" / f"{stream_id}-v1.safetensors"
+    slow = cli.popen("pull", stream_id, "1", str(out), "--limit-rate", "4M")
+    try:
+        wait_until(lambda: partial.is_file() and partial.stat().st_size > 4 * 1024 * 1024, 60, 0.05, "half of the download")
+        os.kill(slow.pid, signal.SIGKILL)
+        slow.wait(10)
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+    had = partial.stat().st_size
+    total = (data / "objects" / "streams" / stream_id / "versions" / "1.safetensors").stat().st_size
+    assert 4 * 1024 * 1024 < had < total
+    started = time.monotonic()
+    done = cli.run("pull", stream_id, "1", str(out))
+    assert f"({total - had} of {total} bytes downloaded this time)" in done.stdout, done.stdout
+    assert time.monotonic() - started < 120
+    final = out / f"{stream_id}-v1.safetensors"
+    version = cli.run("versions", stream_id).stdout
+    assert sha(final)[:12] in version and not partial.exists()
+
+
+def test_push_killed_halfway_sends_only_the_rest_when_run_again(tmp_path: Path, embedded) -> None:  # noqa: ANN001
+    from mergeline.client import Client, UploadState
+
+    url, _ = embedded
+    cli = Cli(url, "tok-alice", tmp_path / "state")
+    g = torch.Generator().manual_seed(0)
+    base = {"big.bias": torch.randn(6 * 1024 * 1024, generator=g), "w.weight": torch.randn(8, 8, generator=g)}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    expert = tmp_path / "e1.safetensors"
+    save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}, str(expert))
+    size = expert.stat().st_size  # 24 MiB
+    stream_id = cli.run("create", "big", "-q").stdout.strip()
+    cli.run("push", stream_id, str(tmp_path / "base.safetensors"), "--base")
+
+    state = UploadState(tmp_path / "state" / "mergeline" / "uploads.json")
+    client = Client(url, "tok-alice", state=state)
+
+    def received() -> int:
+        (session_id,) = state._load().values()
+        return sum(f.received for f in client.get_upload(stream_id, session_id).files)
+
+    slow = cli.popen("push", stream_id, str(expert), "--name", "big", "--limit-rate", "6M")
+    try:
+        wait_until(lambda: state.path.is_file() and received() > size // 3, 90, 0.1, "a third of the upload")
+        os.kill(slow.pid, signal.SIGKILL)
+        slow.wait(10)
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+    # The server keeps what arrived before the connection dropped (it may take a moment to notice).
+    before = wait_until(lambda: received() if received() > size // 4 else 0, 30, 0.2, "the kept bytes")
+    assert before < size
+
+    done = cli.run("push", stream_id, str(expert), "--name", "big")
+    assert f"resuming: the server already has {before} of {size} bytes" in done.stderr, done.stderr
+    assert f"expert big accepted: version 1 is queued (sent {size - before} of {size} bytes)" in done.stdout, done.stdout
+    assert state._load() == {}  # the finished session is forgotten
+    cli.run("watch", stream_id, "1")
+    assert client.get_version(stream_id, 1).expert.sha256 == sha(expert)
 
 
 def test_cli_flow_on_postgres_redis_and_s3(tmp_path: Path, distributed_env: dict[str, str], start_api, start_worker) -> None:
@@ -141,39 +235,3 @@ def test_watch_exits_non_zero_with_the_error_of_a_failed_fold(tmp_path: Path, sq
     assert watched.returncode == 1
     last = watched.stderr.strip().splitlines()[-1]  # after the live progress bar: the error, in one line
     assert last.startswith("mergeline: version 1 failed: stored object missing: ") and last.endswith("(object_missing)")
-
-
-def test_pull_killed_halfway_continues_and_checks_sha256(tmp_path: Path, start_api) -> None:
-    env = settings_env(data_dir=tmp_path / "var", device="cpu")
-    url = start_api(env, serve=True)
-    cli = Cli(url, None, tmp_path / "state")
-    # 16 MiB of 1-D weights: a large version that folds in no time (no projection on vectors).
-    g = torch.Generator().manual_seed(0)
-    base = {"big.bias": torch.randn(4 * 1024 * 1024, generator=g), "w.weight": torch.randn(8, 8, generator=g)}
-    save_file(base, str(tmp_path / "base.safetensors"))
-    save_file({k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}, str(tmp_path / "e1.safetensors"))
-    stream_id = cli.run("create", "big", "-q").stdout.strip()
-    cli.run("push", stream_id, str(tmp_path / "base.safetensors"), "--base")
-    cli.run("push", stream_id, str(tmp_path / "e1.safetensors"))
-    cli.run("watch", stream_id, "1")
-
-    out = tmp_path / "out"
-    partial = out / ".mergeline-partial" / f"{stream_id}-v1.safetensors"
-    slow = cli.popen("pull", stream_id, "1", str(out), "--limit-rate", "4M")
-    try:
-        wait_until(lambda: partial.is_file() and partial.stat().st_size > 4 * 1024 * 1024, 60, 0.05, "half of the download")
-        os.kill(slow.pid, signal.SIGKILL)
-        slow.wait(10)
-    finally:
-        if slow.poll() is None:
-            slow.kill()
-    had = partial.stat().st_size
-    total = (tmp_path / "var" / "objects" / "streams" / stream_id / "versions" / "1.safetensors").stat().st_size
-    assert 4 * 1024 * 1024 < had < total
-    started = time.monotonic()
-    done = cli.run("pull", stream_id, "1", str(out))
-    assert f"({total - had} of {total} bytes downloaded this time)" in done.stdout, done.stdout
-    assert time.monotonic() - started < 120
-    final = out / f"{stream_id}-v1.safetensors"
-    version = Cli(url, None, tmp_path / "state").run("versions", stream_id).stdout
-    assert sha(final)[:12] in version and not partial.exists()

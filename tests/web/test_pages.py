@@ -65,7 +65,13 @@ def test_stream_page_shows_versions_lineage_and_plots_and_other_tenants_get_404(
     assert ("evaluations", "2") in re.findall(r'data-plot="(\w+)" data-points="(\d+)"', html)
     assert "probe: acc" in html and "probe: loss" in html
 
+    before = api.client.get(f"/ui/streams/{stream_id}/state.json", headers=alice).json()["signature"]
+    assert api.client.put(f"/v1/streams/{stream_id}/aliases/prod", json={"version": 0}, headers=alice).status_code == 200
+    html = api.client.get(f"/ui/streams/{stream_id}", headers=alice).text
+    assert re.search(r'<tr id="v-0".*?<span class="alias">@prod</span>', html, re.S)
+
     state = api.client.get(f"/ui/streams/{stream_id}/state.json", headers=alice).json()
+    assert state["signature"] != before  # an alias move redraws the open page
     assert [(v["number"], v["status"]) for v in state["versions"]] == [(0, "succeeded"), (1, "queued"), (2, "queued")]
     panel = api.client.get(f"/ui/streams/{stream_id}/panel", headers=alice)
     assert panel.status_code == 200 and 'id="v-2"' in panel.text

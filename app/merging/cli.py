@@ -17,6 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from app.merging.engine import FoldResult, fold_checkpoint
 from app.merging.errors import CheckpointError
+from app.merging.folders import checkpoint_sha256
 from app.merging.registry import METHODS, validate_params
 
 app = typer.Typer(help="Fold fine-tuned experts into a merged model, offline.", no_args_is_help=True)
@@ -84,9 +85,13 @@ def _summary(version: int, result: FoldResult) -> str:
 
 @app.command()
 def merge(
-    experts: Annotated[list[Path], typer.Argument(help="expert checkpoints, in arrival order")],
-    base: Annotated[Path, typer.Option("--base", help="the base checkpoint (.safetensors file or shard folder)")],
-    out_dir: Annotated[Path, typer.Option("--out-dir", help="writes 1.safetensors, 2.safetensors, … and state.json")],
+    experts: Annotated[
+        list[Path], typer.Argument(help="expert checkpoints in arrival order: files, model folders or LoRA adapter folders")
+    ],
+    base: Annotated[Path, typer.Option("--base", help="the base checkpoint (.safetensors file or model folder)")],
+    out_dir: Annotated[
+        Path, typer.Option("--out-dir", help="writes 1.safetensors, … (1/, 2/, … for a folder base) and state.json")
+    ],
     method: MethodOption = "opcm",
     param: ParamOption = None,
     device: DeviceOption = "auto",
@@ -99,10 +104,13 @@ def merge(
         previous: Path | None = None
         state: dict[str, Any] | None = None
         parent_sha: str | None = None
+        lineage_experts: list[dict[str, str]] = []
         with _progress() as progress:
             for version, expert in enumerate(experts, start=1):
                 out = out_dir / (str(version) if sharded else f"{version}.safetensors")
-                lineage = {"parent_sha256": parent_sha} if parent_sha else None
+                lineage_experts.append({"name": expert.name, "sha256": checkpoint_sha256(expert)})
+                lineage: dict[str, Any] = {"parent_sha256": parent_sha} if parent_sha else {}
+                lineage.update(experts=list(lineage_experts), base_model=base.name)
                 result = _fold_with_progress(
                     progress, f"version {version} ← {expert.name}", method=method, params=params, base=base,
                     previous=previous, expert=expert, state=state, out=out, version=version, device=device,
@@ -118,9 +126,9 @@ def merge(
 @app.command()
 def fold(
     base: Annotated[Path, typer.Option("--base", help="the base checkpoint")],
-    expert: Annotated[Path, typer.Option("--expert", help="the expert to fold in")],
+    expert: Annotated[Path, typer.Option("--expert", help="the expert to fold in (file, model folder or LoRA adapter)")],
     state: Annotated[Path, typer.Option("--state", help="fold state JSON: read (unless first expert), then rewritten")],
-    out: Annotated[Path, typer.Option("--out", help="where to write the new version")],
+    out: Annotated[Path, typer.Option("--out", help="where to write the new version (a folder for a folder base)")],
     previous: Annotated[
         Path | None, typer.Option("--previous", help="the previous version; omit for the first expert")
     ] = None,

@@ -33,9 +33,11 @@ from typing import Any, Protocol
 
 import torch
 
+from app.merging import folders
 from app.merging import safetensors_io as stio
 from app.merging.errors import CheckpointError, InvalidParams, InvalidState, MemoryBudgetExceeded
 from app.merging.finite import check_finite_tensor
+from app.merging.lora import AdapterSource
 from app.merging.processing.base import PostprocessStep, PreprocessStep
 from app.merging.protocol import (
     REPORTED_METRICS,
@@ -69,6 +71,7 @@ class FoldResult:
     sha256: str
     size: int
     aux: AuxCheckpoint | None = None
+    files: tuple[tuple[str, int, str], ...] = ()  # (path, size, sha256) of each file written
 
 
 @dataclass(frozen=True)
@@ -1026,7 +1029,7 @@ def fold_checkpoint(
     version: int,
     device: str = "auto",
     progress: Callable[[float], None] | None = None,
-    lineage: Mapping[str, str] | None = None,
+    lineage: Mapping[str, Any] | None = None,
     scratch_dir: str | os.PathLike[str] | None = None,
     embedding_pattern: str | None = None,
     *,
@@ -1066,10 +1069,10 @@ def fold_checkpoint(
     if keeps_aux and version >= 2 and aux_previous is None:
         raise InvalidState(f"version {version} of {fold_method.name} needs the previous version's auxiliary checkpoint")
     with contextlib.ExitStack() as stack:
-        base_ck = stack.enter_context(stio.open_checkpoint(base, max_header_bytes=max_header_bytes))
-        expert_ck = stack.enter_context(stio.open_checkpoint(expert, max_header_bytes=max_header_bytes))
+        base_ck = stack.enter_context(folders.open_source(base, max_header_bytes=max_header_bytes))
+        expert_ck = stack.enter_context(folders.open_expert(base_ck, expert, max_header_bytes=max_header_bytes))
         previous_ck = (
-            stack.enter_context(stio.open_checkpoint(previous, max_header_bytes=max_header_bytes))
+            stack.enter_context(folders.open_source(previous, max_header_bytes=max_header_bytes))
             if previous is not None
             else None
         )
@@ -1081,6 +1084,9 @@ def fold_checkpoint(
         whole_only = (
             "it keeps an auxiliary checkpoint" if keeps_aux
             else "params.preprocess/postprocess steps act on whole tensors" if prepared.preprocess or prepared.postprocess
+            else "an input is not a safetensors checkpoint read in place (a LoRA adapter)" if not all(
+                hasattr(source, "read_elements") for source in (base_ck, previous_ck, expert_ck) if source is not None
+            )
             else None
         )
         streamed = plan_memory(fold_method, base_ck, lambda n: len(base_ck.tensors[n].shape) == 2
@@ -1093,8 +1099,10 @@ def fold_checkpoint(
             _check_finite(expert_ck, tracker, streamed)
 
         lineage = {key: value for key, value in (lineage or {}).items() if value is not None}
-        lineage.setdefault("parent_sha256", stio.file_sha256(previous if previous is not None else base))
-        lineage.setdefault("expert_sha256", stio.file_sha256(expert))
+        card = folders.card_lineage(lineage)
+        lineage.setdefault("parent_sha256", folders.checkpoint_sha256(previous if previous is not None else base))
+        lineage.setdefault("expert_sha256", folders.checkpoint_sha256(expert))
+        card.setdefault("experts", [{"name": Path(expert).name, "sha256": lineage["expert_sha256"]}])
         metadata = {
             "mergeline.method": fold_method.name,
             "mergeline.params": json.dumps(prepared.stored_params, sort_keys=True),
@@ -1109,7 +1117,7 @@ def fold_checkpoint(
                 aux_path, _AuxLayout(base_ck, aux_path), metadata={**metadata, "mergeline.aux": "1"}  # type: ignore[arg-type]
             )
             stack.enter_context(_aux_guard(aux_writer))
-        with stio.CheckpointWriter(out, base_ck, metadata=metadata) as writer:
+        with folders.VersionWriter(out, base_ck, metadata=metadata) as writer:
             inputs = _FoldInputs(
                 method=fold_method,
                 pattern=prepared.pattern,
@@ -1138,16 +1146,25 @@ def fold_checkpoint(
             )
             new_state, metrics = _fold(inputs, scratch_factory)
             metrics["streamed_tensors"] = float(len(streamed))
+            writer.describe(
+                method=fold_method.name, params=prepared.stored_params, version=version, metrics=metrics, **card
+            )
             if aux_writer is not None:
                 aux_writer.__exit__(None, None, None)  # in place, whole, before the version is
                 new_state["aux_sha256"] = aux_writer.sha256
     metrics["seconds"] = time.perf_counter() - started
     tracker.finish()
     aux = AuxCheckpoint(aux_writer.out, aux_writer.sha256, aux_writer.size) if aux_writer is not None else None
-    return FoldResult(out=out, state=new_state, metrics=metrics, sha256=writer.sha256, size=writer.size, aux=aux)
+    return FoldResult(
+        out=out, state=new_state, metrics=metrics, sha256=writer.sha256, size=writer.size, aux=aux,
+        files=tuple(writer.files),
+    )
 
 
 def _check_finite(expert: stio.Checkpoint, tracker: _Progress, streamed: frozenset[str] = frozenset()) -> None:
+    if isinstance(expert, AdapterSource):  # its own few tensors; the rest is the base
+        expert.check_finite()
+        return
     for name in expert.names():
         spec = expert.tensors[name]
         if spec.dtype not in stio.FLOATING_DTYPES:

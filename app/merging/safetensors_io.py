@@ -114,7 +114,10 @@ _PICKLE_PROTOCOLS = {bytes([0x80, p]) for p in range(2, 6)}
 
 def sniff_format(first: bytes, *, what: str = "the file") -> None:
     """Refuse, from its first (up to 9) bytes, a file that is clearly not safetensors, naming its format."""
-    if first.startswith(_ZIP_MAGIC) or first[:2] in _PICKLE_PROTOCOLS:
+    # a safetensors header length of 640..655 bytes (and others) also starts 0x80 0x02..0x05: the
+    # JSON object's '{' at byte 8 tells the two apart
+    json_follows = len(first) >= 9 and first[8:9] == b"{"
+    if first.startswith(_ZIP_MAGIC) or (first[:2] in _PICKLE_PROTOCOLS and not json_follows):
         raise NotSafetensors(
             f"{what} is a pickle-based PyTorch checkpoint (torch.save), which can run code when loaded; "
             "mergeline accepts only safetensors: convert it with safetensors.torch.save_file"

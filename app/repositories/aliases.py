@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from app.models import Alias, AliasMove
@@ -14,6 +14,10 @@ def get(session: Session, stream_id: str, name: str) -> Alias | None:
 
 def list_for_stream(session: Session, stream_id: str) -> list[Alias]:
     return list(session.scalars(select(Alias).where(Alias.stream_id == stream_id).order_by(Alias.name)))
+
+
+def count_for_stream(session: Session, stream_id: str) -> int:
+    return session.scalar(select(func.count()).select_from(Alias).where(Alias.stream_id == stream_id)) or 0
 
 
 def add(session: Session, alias: Alias) -> Alias:

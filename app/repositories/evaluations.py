@@ -47,6 +47,10 @@ def rows_for_versions(conn: Connection | Session, version_ids: list[str]) -> lis
     )
 
 
+def count_for_version(session: Session, version_id: str) -> int:
+    return session.scalar(select(func.count()).select_from(Evaluation).where(Evaluation.version_id == version_id)) or 0
+
+
 def for_version(session: Session, version_id: str) -> list[Evaluation]:
     return list(
         session.scalars(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_serializer
 
 from app.schemas.common import utc_iso as _utc
 
@@ -15,7 +15,7 @@ ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 class AliasSet(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: int | str = Field(description='a version number, "latest" or "@alias" of the stream named by `stream_id`')
+    version: StrictInt | str = Field(description='a version number, "latest" or "@alias" of the stream named by `stream_id`')
     stream_id: str | None = Field(
         default=None, max_length=64, description="this stream (the default) or one of its replays"
     )

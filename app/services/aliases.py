@@ -22,6 +22,7 @@ from app.services.evaluations import must_have_succeeded
 from app.services.versions import resolve_version
 
 CHAMPION = "champion"
+MAX_ALIASES_PER_STREAM = 1000
 POLICY = "champion-policy"
 _ALIAS = re.compile(ALIAS_PATTERN)
 
@@ -69,6 +70,9 @@ def move(session: Session, stream: Stream, name: str, version: Version, *, who: 
         return alias
     previous = alias.version_id if alias is not None else None
     if alias is None:
+        if aliases_repo.count_for_stream(session, stream.id) >= MAX_ALIASES_PER_STREAM:
+            raise Conflict(f"stream {stream.id} already has {MAX_ALIASES_PER_STREAM} aliases, the most one stream keeps",
+                           code="too_many_aliases")  # fmt: skip
         alias = aliases_repo.add(session, Alias(stream_id=stream.id, name=name, version_id=version.id, created_at=now))
     alias.version_id, alias.updated_at = version.id, now
     aliases_repo.add_move(

@@ -61,4 +61,7 @@ CHECKPOINT_STATUS = {
     "invalid_state": 422,
     "trailing_data": 400,
     "invalid_checkpoint": 400,
+    "invalid_folder": 422,
+    "invalid_path": 400,
+    "invalid_adapter": 422,
 }

@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # Slack beyond the plugin's own timeout before another worker may take a running evaluation over.
 LEASE_SLACK_SECONDS = 60.0
+# Every evaluation is shown with its version: a bound keeps version listings a sane size.
+MAX_EVALUATIONS_PER_VERSION = 1000
 
 
 def must_have_succeeded(version: Version, what: str) -> None:
@@ -41,6 +43,11 @@ def must_have_succeeded(version: Version, what: str) -> None:
 def record(session: Session, version: Version, body: EvaluationCreate) -> Evaluation:
     """Record metrics a client measured on a succeeded version (409 for any other status)."""
     must_have_succeeded(version, "evaluated")
+    if evaluations_repo.count_for_version(session, version.id) >= MAX_EVALUATIONS_PER_VERSION:
+        raise Conflict(
+            f"version {version.number} already has {MAX_EVALUATIONS_PER_VERSION} evaluations, the most one version keeps",
+            code="too_many_evaluations",
+        )
     now = utcnow()
     evaluation = evaluations_repo.add(
         session,
@@ -80,8 +87,6 @@ def queue_plugin_evaluation(session: Session, queue: FoldQueue, version_id: str)
 
 def run_evaluation(ctx, evaluation_id: str, *, owner: str | None = None) -> str:  # noqa: ANN001 - a folds.FoldContext
     """Run one queued plugin evaluation (idempotent: a finished one is left alone). Returns what happened."""
-    from app.services.evaluators import run_isolated
-
     owner = owner or uuid.uuid4().hex
     timeout = ctx.settings.evaluator_timeout_seconds
     with ctx.db.session() as session:
@@ -97,6 +102,35 @@ def run_evaluation(ctx, evaluation_id: str, *, owner: str | None = None) -> str:
         version = versions_repo.get(session, evaluation.version_id)
         name, params = evaluation.evaluator, evaluation.params or {}
         key, stream_id, number = version.object_key, version.stream_id, version.number
+    if key is None or not key.endswith(".safetensors"):
+        # A folder version (branch `folders`) has a manifest, not one object: not handed to plugins yet.
+        metrics, error = None, f"version {number} is not a single .safetensors checkpoint; evaluators run on those only"
+    else:
+        metrics, error = _run_plugin(ctx, evaluation_id, owner, key, name, params, timeout)
+    if error is not None:
+        log.warning("evaluation %s of stream %s version %s failed: %s", evaluation_id, stream_id, number, error)
+
+    with ctx.db.session() as session:
+        done = evaluations_repo.finish(
+            session,
+            evaluation_id,
+            owner=owner,
+            status=EvaluationStatus.succeeded if error is None else EvaluationStatus.failed,
+            metrics=metrics,
+            error=error,
+            finished_at=utcnow(),
+        )
+        if not done:
+            return "lease_lost"
+        from app.services import champion
+
+        champion.consider(session, versions_repo.get(session, evaluation.version_id))
+    return "succeeded" if error is None else "failed"
+
+
+def _run_plugin(ctx, evaluation_id: str, owner: str, key: str, name: str, params: dict, timeout: float):  # noqa: ANN001, ANN202
+    """The version as a model folder in scratch space, and the plugin run on it: (metrics, None) or (None, error)."""
+    from app.services.evaluators import run_isolated
 
     scratch = Path(ctx.settings.work_dir or "var/work") / "evaluations" / f"{evaluation_id}-{owner[:12]}"
     try:
@@ -119,30 +153,12 @@ def run_evaluation(ctx, evaluation_id: str, *, owner: str | None = None) -> str:
         )
         metrics, error = outcome.metrics, outcome.error
     except Exception as exc:  # the store or the scratch disk: the evaluation fails, and says why
-        log.exception("evaluation %s of stream %s version %s could not run", evaluation_id, stream_id, number)
+        log.exception("evaluation %s could not run", evaluation_id)
         metrics, error = None, f"{type(exc).__name__}: {exc}"[:4000]
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    with ctx.db.session() as session:
-        done = evaluations_repo.finish(
-            session,
-            evaluation_id,
-            owner=owner,
-            status=EvaluationStatus.succeeded if error is None else EvaluationStatus.failed,
-            metrics=metrics,
-            error=error,
-            finished_at=utcnow(),
-        )
-        if not done:
-            return "lease_lost"
-        from app.services import champion
-
-        champion.consider(session, versions_repo.get(session, evaluation.version_id))
-    if error is not None:
-        log.warning("evaluation %s of stream %s version %s failed: %s", evaluation_id, stream_id, number, error)
-        return "failed"
-    return "succeeded"
+    return metrics, error
 
 
 def resend_stalled(ctx) -> int:  # noqa: ANN001 - a folds.FoldContext

@@ -87,6 +87,8 @@ def test_bad_alias_requests_are_refused_and_change_nothing(lineage_api: LineageA
         ({"version": 0, "extra": 1}, 422),
         ({}, 422),
         ({"version": [0]}, 422),
+        ({"version": True}, 422),
+        ({"version": 1.0}, 422),
     ]:
         r = put(api, sid, "ok", body)
         assert r.status_code == status, (body, r.text)
@@ -113,3 +115,15 @@ def test_other_tenants_get_404_on_aliases(lineage_api: LineageApi) -> None:
     assert put(api, sid, "prod", {"version": 0}, token="tok-nobody").status_code == 401
     (alias,) = api.get(f"/v1/streams/{sid}/aliases").json()["aliases"]
     assert len(alias["history"]) == 1
+
+
+def test_a_stream_keeps_a_bounded_number_of_aliases(lineage_api: LineageApi, monkeypatch) -> None:
+    from app.services import aliases
+
+    monkeypatch.setattr(aliases, "MAX_ALIASES_PER_STREAM", 2)
+    api = lineage_api
+    sid = api.stream()
+    api.put_base(sid)
+    assert [put(api, sid, name, {"version": 0}).status_code for name in ("a", "b", "c")] == [200, 200, 409]
+    assert put(api, sid, "a", {"version": "latest"}).status_code == 200  # moving an existing one is fine
+    assert [a["name"] for a in api.get(f"/v1/streams/{sid}/aliases").json()["aliases"]] == ["a", "b"]

@@ -97,3 +97,15 @@ def test_other_tenants_and_bad_tokens_cannot_evaluate(lineage_api: LineageApi) -
     r = api.client.post(f"/v1/streams/{sid}/versions/0/evaluations", json=body, headers=api.headers("tok-nobody"))
     assert r.status_code == 401
     assert api.get(f"/v1/streams/{sid}/versions/0").json()["evaluations"] == []
+
+
+def test_a_version_keeps_a_bounded_number_of_evaluations(lineage_api: LineageApi, monkeypatch) -> None:
+    from app.services import evaluations
+
+    monkeypatch.setattr(evaluations, "MAX_EVALUATIONS_PER_VERSION", 2)
+    api = lineage_api
+    sid = api.stream()
+    api.put_base(sid)
+    url, body = f"/v1/streams/{sid}/versions/0/evaluations", {"evaluator": "e", "metrics": {"a": 1}}
+    assert [api.client.post(url, json=body, headers=api.headers()).status_code for _ in range(3)] == [201, 201, 409]
+    assert len(api.get(f"/v1/streams/{sid}/versions/0").json()["evaluations"]) == 2

@@ -23,6 +23,7 @@ from app.merging import (
     validate_params,
 )
 from app.merging import safetensors_io as stio
+from app.merging.folders import FolderError
 from tests.merging import reference as ref
 
 
@@ -196,9 +197,11 @@ def test_sharded_index_pointing_outside_the_folder(setup, tmp_path):
     name = next(iter(index["weight_map"]))
     index["weight_map"][name] = "../in/expert.safetensors"
     (folder / stio.INDEX_NAME).write_text(json.dumps(index))
-    fold_into(setup, folder, error=NotSafetensors, code="not_safetensors")
-    (folder / stio.INDEX_NAME).unlink()
-    fold_into(setup, folder, error=NotSafetensors, code="not_safetensors")
+    error = fold_into(setup, folder, error=FolderError, code="invalid_folder")
+    assert "../in/expert.safetensors" in str(error) and "does not have" in str(error)
+    (folder / stio.INDEX_NAME).unlink()  # shards without an index: which tensors are where is unknown
+    error = fold_into(setup, folder, error=FolderError, code="invalid_folder")
+    assert "not a checkpoint" in str(error)
 
 
 # --------------------------------------------------------------------------- header parsing, strictly

@@ -90,3 +90,19 @@ def test_a_plugin_process_dies_with_its_worker(tmp_path: Path) -> None:
             except ProcessLookupError:
                 pass
     assert json.loads((tmp_path / "run" / "request.json").read_text())["parent_pid"] == worker.pid
+
+
+@pytest.mark.parametrize("lineage_api", ["sqlite"], indirect=True)
+def test_a_version_that_is_not_one_file_fails_its_evaluation_in_words(lineage_api: LineageApi) -> None:
+    from app.models import Version
+
+    api = lineage_api
+    sid = api.stream(evaluator={"name": "tests.evaluators:constant"})
+    api.put_base(sid)
+    api.upload(sid, 1)
+    api.drain(evaluate=False)
+    with api.ctx.db.session() as s:  # what a folder version's row looks like (a prefix with a manifest)
+        s.query(Version).filter_by(stream_id=sid, number=1).one().object_key = f"streams/{sid}/versions/1/"
+    assert api.drain() == ["failed"]
+    (evaluation,) = api.get(f"/v1/streams/{sid}/versions/1").json()["evaluations"]
+    assert evaluation["status"] == "failed" and "single .safetensors" in evaluation["error"]

@@ -1,0 +1,146 @@
+"""Model folders and PEFT LoRA adapters of a REAL model (all-MiniLM-L6-v2), folded by the library.
+
+The base is saved by transformers in several shards; two experts are full folders in another shard
+layout, two are real PEFT LoRA adapters. Every version folder must load with
+``AutoModel.from_pretrained`` (no missing or unexpected keys), hold the weights of the same fold
+on in-memory state dicts, give the same sentence embeddings, and for adapters equal the fold of
+the ``merge_and_unload()``-ed model, for every method.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+
+from app.merging import METHODS, fold_checkpoint, fold_state_dicts
+from app.merging.folders import checkpoint_sha256, inspect_checkpoint
+from tests.merging import minilm
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # two cores shared by many processes: torch's second thread made each eigh ~5x slower here
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, one_thread):
+    return minilm.build(tmp_path_factory.mktemp("minilm"))
+
+
+def task_relative_error(out: dict, ref: dict, base: dict) -> float:
+    """‖out − ref‖ / ‖ref − θ₀‖ over all floating tensors: the error relative to the merged task vector."""
+    num = sum(float(((out[k].double() - ref[k].double()) ** 2).sum()) for k in ref if ref[k].is_floating_point())
+    den = sum(float(((ref[k].double() - base[k].double()) ** 2).sum()) for k in ref if ref[k].is_floating_point())
+    return math.sqrt(num / den)
+
+
+def fold_chain_folders(ckpts, experts, out_root, method="opcm", params=None):
+    previous, state, results = None, None, []
+    digests = [checkpoint_sha256(p) for p in experts]
+    for version, expert in enumerate(experts, start=1):
+        result = fold_checkpoint(
+            method, params, ckpts.base, previous, expert, state, out_root / f"v{version}", version, device="cpu",
+            lineage={"base_model": "sentence-transformers/all-MiniLM-L6-v2",
+                     "experts": [{"name": p.name, "sha256": d} for p, d in zip(experts[:version], digests[:version], strict=True)],
+                     "expert_sha256": digests[version - 1]},
+        )
+        previous, state = result.out, result.state
+        results.append(result)
+    return results
+
+
+def fold_chain_dicts(ckpts, dense, method="opcm", params=None):
+    previous, state, outs = None, None, []
+    for version, expert in enumerate(dense, start=1):
+        merged, state, _ = fold_state_dicts(method, params, ckpts.base_sd, previous, expert, state, version)
+        previous = merged
+        outs.append(merged)
+    return outs
+
+
+def test_inspect_sees_every_shard(ckpts):
+    base = inspect_checkpoint(ckpts.base)
+    assert base.kind == "model_folder" and len(base.weight_files) >= 3
+    assert set(base.tensors) == set(ckpts.base_sd)
+    assert "config.json" in base.extra_files and "tokenizer.json" in base.extra_files
+    expert = inspect_checkpoint(ckpts.experts[0])
+    assert expert.weight_files != base.weight_files and set(expert.tensors) == set(base.tensors)
+    adapter = inspect_checkpoint(ckpts.experts[2])
+    assert adapter.kind == "adapter" and adapter.adapter_config["r"] == 4
+
+
+def test_version_folders_load_and_equal_the_offline_merge(ckpts, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    results = fold_chain_folders(ckpts, ckpts.experts, tmp_path)
+    references = fold_chain_dicts(ckpts, ckpts.dense)
+    base_info = inspect_checkpoint(ckpts.base)
+    base_index = json.loads((ckpts.base / "model.safetensors.index.json").read_text())
+    for version, (result, reference) in enumerate(zip(results, references, strict=True), start=1):
+        folder = result.out
+        # the base's layout, the base's other files, the index rewritten, a model card
+        info = inspect_checkpoint(folder)
+        assert info.weight_files == base_info.weight_files
+        assert set(info.extra_files) == set(base_info.extra_files) | {"README.md"}
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        assert index["weight_map"] == base_index["weight_map"]
+        assert index["metadata"]["total_size"] == sum(s.nbytes for s in info.tensors.values())
+        assert (folder / "tokenizer.json").read_bytes() == (ckpts.base / "tokenizer.json").read_bytes()
+        card = (folder / "README.md").read_text()
+        meta = yaml.safe_load(card.split("---")[1])
+        assert meta == {"base_model": "sentence-transformers/all-MiniLM-L6-v2", "base_model_relation": "merge",
+                        "tags": ["mergeline", "merge", "opcm"]}
+        for expert in ckpts.experts[:version]:
+            assert expert.name in card and checkpoint_sha256(expert) in card
+        assert f"{result.metrics['lambda']:.6g}" in card
+        assert result.sha256 == checkpoint_sha256(folder)
+        assert sorted(p for p, _, _ in result.files) == sorted(info.weight_files + info.extra_files + [
+            "model.safetensors.index.json"])
+
+        # the weights: equal to the same fold on in-memory state dicts (adapters as merge_and_unload)
+        weights = minilm.load_state_dict(folder)
+        assert set(weights) == set(reference)
+        worst = max(float((weights[k].double() - reference[k].double()).abs().max()) for k in reference)
+        tolerance = 1e-6 if version <= 2 else 1e-5
+        assert worst <= tolerance, f"version {version}: {worst}"
+        assert task_relative_error(weights, reference, ckpts.base_sd) <= 1e-5
+
+        # loadable as it stands, and the same sentence embeddings as the offline merge
+        model, loading = AutoModel.from_pretrained(folder, output_loading_info=True)
+        assert not loading["missing_keys"] and not loading["unexpected_keys"], loading
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        offline = AutoModel.from_pretrained(ckpts.base).eval()
+        before = minilm.embeddings(offline, tokenizer)
+        offline.load_state_dict(reference)
+        got, want = minilm.embeddings(model.eval(), tokenizer), minilm.embeddings(offline, tokenizer)
+        assert float((got - want).abs().max()) <= 1e-5
+        assert float((got - before).abs().max()) > 1e-3  # the merge moved the embeddings
+
+
+# OPCM is covered above: its versions 3 and 4 fold both adapters and are compared with the fold of
+# their merge_and_unload()-ed models (the dense references), so it is not repeated here.
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "opcm"])
+def test_every_method_folds_an_adapter_as_its_merged_model(ckpts, tmp_path, method):
+    # version 1 a full expert (so OPCM's Δ is dense and well conditioned), then the rsLoRA adapter
+    # with a regex target and modules_to_save (test_version_folders... folds both adapters with OPCM)
+    experts = [ckpts.experts[0], ckpts.experts[3]]
+    dense = [ckpts.dense[0], ckpts.dense[3]]
+    results = fold_chain_folders(ckpts, experts, tmp_path, method=method)
+    references = fold_chain_dicts(ckpts, dense, method=method)
+    for version, (result, reference) in enumerate(zip(results, references, strict=True), start=1):
+        weights = minilm.load_state_dict(result.out)
+        error = task_relative_error(weights, reference, ckpts.base_sd)
+        assert error <= 1e-5, f"{method} version {version}: relative error {error:.2e}"
+        if version >= 2:
+            moved = task_relative_error(references[version - 2], reference, ckpts.base_sd)
+            assert moved > 1e-3, "the adapter changed nothing: the comparison would prove nothing"

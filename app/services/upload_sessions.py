@@ -53,7 +53,6 @@ MAX_PART_BYTES = 255  # bytes in one path component: what every common filesyste
 SWEEP_BATCH = 50
 # Formats that carry pickles (they run code when loaded): a session refuses them by name.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-_DRIVE = re.compile(r"^[A-Za-z]:")
 _CONTENT_RANGE = re.compile(r"^bytes (\d{1,19})-(\d{1,19})/(\d{1,19})$")
 
 
@@ -75,37 +74,33 @@ def _aware(value: datetime) -> datetime:
 
 
 def check_path(path: str, *, max_bytes: int, max_depth: int) -> None:
-    """Refuse a path that could leave the session's folder or that some store or filesystem would mangle."""
+    """Refuse a path that could leave the session's folder or that some store or filesystem would mangle.
+
+    The rules of DESIGN §3.1 are app.merging.folders.check_relative_path's; the service adds its
+    settings' bounds, a per-part length every filesystem takes, and no ':' (NTFS streams, drives).
+    """
+    from app.merging.folders import InvalidPath, check_relative_path
+
+    try:
+        check_relative_path(path)
+    except InvalidPath as exc:
+        raise ServiceError(str(exc), code="invalid_path", status_code=422) from None
     shown = repr(path[:80])
 
     def refuse(problem: str) -> ServiceError:
-        return ServiceError(f"file path {shown} {problem}", code="invalid_path", status_code=422)
+        return ServiceError(f"the path {shown} {problem}", code="invalid_path", status_code=422)
 
-    if not path:
-        raise refuse("is empty")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in path):
-        raise refuse("contains NUL or another control character")
-    if "\\" in path:
-        raise refuse("contains a backslash ('\\'); separate folders with '/'")
-    if path.startswith("/"):
-        raise refuse("is absolute; paths are relative to the checkpoint's folder")
-    if _DRIVE.match(path) or ":" in path:
-        raise refuse("has a drive letter or a ':'; paths are relative, '/'-separated")
-    parts = path.split("/")
-    if "" in parts:
-        raise refuse("has an empty part ('//' or a trailing '/')")
-    if ".." in parts:
-        raise refuse("has a '..' part, which would leave the checkpoint's folder")
-    if "." in parts:
-        raise refuse("has a '.' part; write the path without it")
+    if ":" in path:
+        raise refuse("has a ':' (a drive letter or an NTFS stream); paths are relative, '/'-separated")
     size = len(path.encode("utf-8"))
     if size > max_bytes:
         raise refuse(f"is {size} bytes long; the limit is {max_bytes}")
+    parts = path.split("/")
     if len(parts) > max_depth:
         raise refuse(f"is {len(parts)} levels deep; the limit is {max_depth}")
-    longest = max(parts, key=lambda p: len(p.encode("utf-8")))
-    if len(longest.encode("utf-8")) > MAX_PART_BYTES:
-        raise refuse(f"has a part of {len(longest.encode('utf-8'))} bytes; the limit is {MAX_PART_BYTES}")
+    longest = max(len(p.encode("utf-8")) for p in parts)
+    if longest > MAX_PART_BYTES:
+        raise refuse(f"has a part of {longest} bytes; the limit is {MAX_PART_BYTES}")
 
 
 def _check_declared(body: UploadCreate, settings: Settings) -> None:
@@ -162,20 +157,14 @@ def _check_declared(body: UploadCreate, settings: Settings) -> None:
 
 def classify(paths: list[str]) -> str:
     """The checkpoint kind of a declared list: "file", "model_folder" or "adapter" (the folder's shape checked)."""
-    try:
-        from app.merging.folders import classify_paths
-    except ImportError:  # branch `folders` brings the folder rules; until then only the single-file case is known
-        classify_paths = None
-    if len(paths) == 1 and paths[0].lower().endswith(".safetensors"):
-        return "file"
-    if classify_paths is None:
-        return "adapter" if "adapter_config.json" in paths else "model_folder"
-    from app.merging import CheckpointError
+    from app.merging.folders import FolderError, classify_paths
 
+    if len(paths) == 1 and paths[0].lower().endswith(".safetensors"):
+        return "file"  # one .safetensors file at any path: the single-file accept path takes it
     try:
         return classify_paths(paths)
-    except CheckpointError as exc:
-        raise ServiceError(str(exc), code=getattr(exc, "code", "invalid_folder"), status_code=422) from None
+    except FolderError as exc:
+        raise ServiceError(str(exc), code=exc.code, status_code=422) from None
 
 
 def create_session(session: Session, settings: Settings, tenant: str, stream_id: str, body: UploadCreate) -> UploadSession:
@@ -736,7 +725,7 @@ def complete(
     if upload.kind == "file":
         answer, result = _accept_single(session, store, queue, stream, upload, files[0])
     else:
-        answer, result = _accept_folder(session, store, stream, upload, files)
+        answer, result = _accept_folder(session, store, queue, stream, upload, files)
     upload.result = result
     staged = [(f.path, None) for f in files]
     stream_id, upload_id = stream.id, upload.id
@@ -772,15 +761,14 @@ def _accept_single(
 
 
 def _accept_folder(
-    session: Session, store: ObjectStore, stream: Stream, upload: UploadSession, files: list[UploadFile]
+    session: Session, store: ObjectStore, queue: FoldQueue, stream: Stream, upload: UploadSession,
+    files: list[UploadFile],
 ) -> tuple[Completed, dict[str, Any]]:
-    # Branch `folders` replaces this with app.services.checkpoints.accept_folder(session, store, stream,
-    # role=, name=, files=[StagedFile(path, size, sha256, key=upload_key(...))]) (see _notes/INTERFACES.md).
-    raise ServiceError(
-        "folder uploads are not available yet: this server accepts sessions of one .safetensors file",
-        code="folder_uploads_unavailable",
-        status_code=422,
-    )
+    from app.services import checkpoints
+
+    staged = [checkpoints.StagedFile(f.path, f.size, f.sha256, upload_key(stream.id, upload.id, f.path)) for f in files]
+    accepted = checkpoints.accept_folder(session, store, queue, stream, role=upload.role, name=upload.name, files=staged)
+    return Completed(accepted.status_code, accepted.body), accepted.result
 
 
 def _answer_again(session: Session, stream: Stream, result: dict[str, Any]) -> Completed:

@@ -131,3 +131,35 @@ def test_bad_replays_are_refused_and_change_nothing(lineage_api: LineageApi) -> 
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_replay"
     assert api.client.post(url, json={"name": "x"}, headers=api.headers("tok-nobody")).status_code == 401
     assert stored_state(runtime.db.engine, runtime.store) == before
+
+
+def test_replay_folds_keep_the_streams_ordering_and_crash_guarantees(lineage_api: LineageApi) -> None:
+    """A replay's versions are claimed in order, one at a time, beside its source's; a dead worker's fold is redone."""
+    import time
+
+    from app.models import Version
+    from app.repositories import versions as versions_repo
+    from app.services import folds
+
+    api = lineage_api
+    sid = api.stream()
+    api.put_base(sid)
+    ids = [api.upload(sid, seed)["expert"]["id"] for seed in (1, 2)]
+    replay = api.client.post(f"/v1/streams/{sid}/replays", json={"name": "r", "method": "average", "experts": ids[::-1]},
+                             headers=api.headers()).json()  # fmt: skip
+    api.queue.sent.clear()
+    with api.ctx.db.session() as s:
+        rows = {(v.stream_id, v.number): v.id for v in s.query(Version).filter(Version.number > 0)}
+    r1, r2 = rows[replay["id"], 1], rows[replay["id"], 2]
+    s1 = rows[sid, 1]
+    assert folds.fold_version(api.ctx, r2) == "not_its_turn"  # its parent has not succeeded
+    with api.ctx.db.session() as s:  # a worker took replay v1 and died; the source folds meanwhile
+        assert versions_repo.claim(s, r1, owner="dead", now=time.time() - 3600, lease_seconds=1)
+    assert folds.fold_version(api.ctx, s1) == "succeeded"
+    assert folds.resend_stalled(api.ctx) == 1 and api.queue.sent[-1] == r1
+    api.drain()
+    versions = api.get(f"/v1/streams/{replay['id']}/versions").json()["versions"]
+    assert [(v["status"], v["attempts"]) for v in versions[1:]] == [("succeeded", 2), ("succeeded", 1)]
+    assert [v["expert"]["name"] for v in versions[1:]] == ["task2", "task1"]
+    with api.ctx.db.session() as s:
+        assert not versions_repo.finish(s, r1, owner="dead", status="failed")  # the dead worker's late answer

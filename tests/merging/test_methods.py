@@ -319,3 +319,24 @@ def test_dop_matches_fusionbench_dop_on_a_few_layer_model() -> None:
                 assert float((reference - start[k].double()).norm() / reference.norm()) > 1e-3, k
         assert 0.5 < metrics["mean_stability_weight"] < 0.8  # MGDA moved the weights from alpha = 0.8
     print(f"dop vs FusionBench: worst relative error {worst:.1e}")
+
+
+def test_iso_c_refuses_a_missing_or_foreign_auxiliary_checkpoint_and_leaves_nothing(tmp_path: Path) -> None:
+    from app.merging import InvalidState
+
+    base = ref.tiny_model(6)
+    paths = [ref.save(sd, tmp_path / f"{i}.safetensors") for i, sd in
+             enumerate([base, ref.tiny_expert(base, 1), ref.tiny_expert(base, 2)])]
+    v1 = fold_checkpoint("iso_c", {}, paths[0], None, paths[1], None, tmp_path / "v1.safetensors", 1, device="cpu")
+    assert v1.aux.path == tmp_path / "v1.aux.safetensors" and v1.state["aux_sha256"] == v1.aux.sha256
+    out = tmp_path / "v2.safetensors"
+    for aux, state, needle in [
+        (None, v1.state, "auxiliary checkpoint"),
+        (paths[2], v1.state, "does not hold"),  # a model, not the sums: it holds integer tensors too
+        (v1.aux.path, {**v1.state, "aux_sha256": "0" * 64}, "sha256 differs"),
+        (v1.aux.path, {k: v for k, v in v1.state.items() if k != "aux_sha256"}, "sha256"),
+    ]:
+        with pytest.raises(InvalidState, match=needle):
+            fold_checkpoint("iso_c", {}, paths[0], v1.out, paths[2], state, out, 2, device="cpu", aux_previous=aux)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["0.safetensors", "1.safetensors", "2.safetensors",
+                                                              "v1.aux.safetensors", "v1.safetensors"]

@@ -210,3 +210,69 @@ def store_folder(store: ObjectStore, key: str, local: Path, files: Sequence[tupl
         store.put_file(f"{prefix}/{path}", local / path, move=True)
     shutil.rmtree(local, ignore_errors=True)
     return manifest_of(files)
+
+
+# --------------------------------------------------------------------------- serving version files
+
+SINGLE_FILE_NAME = "model.safetensors"  # how a single-file version is listed among "files"
+_TAR_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServedFile:
+    path: str
+    size: int
+    sha256: str
+    key: str
+
+
+def succeeded_version(session: Session, tenant: str, stream_id: str, ref: str) -> Any:
+    """A version the tenant may download: 404 for another tenant's stream, 409 until it has succeeded."""
+    from app.services.streams import get_stream, get_version
+
+    version = get_version(session, get_stream(session, tenant, stream_id), ref)
+    if version.status != "succeeded":
+        raise Conflict(f"version {version.number} is {version.status}, not succeeded", code="version_not_ready")
+    return version
+
+
+def served_files(version: Any) -> list[ServedFile]:
+    """The files of a succeeded version and their keys: a folder's manifest, or the one .safetensors object."""
+    from app.storage import version_key
+
+    key = version.object_key or version_key(version.stream_id, version.number)
+    if not version.files:
+        return [ServedFile(SINGLE_FILE_NAME, int(version.size or 0), version.sha256 or "", key)]
+    prefix = folder_prefix(key)
+    return [ServedFile(path, int(size), digest, f"{prefix}/{path}") for path, size, digest in version.files]
+
+
+def served_file(version: Any, path: str) -> ServedFile:
+    """One file of a version by its relative path: 400 for a path that could escape, 404 for one not in it."""
+    from app.merging import CheckpointError
+    from app.merging.folders import check_relative_path
+    from app.services.errors import NotFound
+
+    try:
+        check_relative_path(path)
+    except CheckpointError as exc:
+        raise ServiceError(exc.message, code=exc.code, status_code=400) from None
+    for f in served_files(version):
+        if f.path == path:
+            return f
+    raise NotFound(f"version {version.number} has no file {path[:200]!r}")
+
+
+def tar_stream(store: ObjectStore, files: Sequence[ServedFile], folder: str) -> Any:
+    """A folder version as one uncompressed tar, produced as it is sent (no copy of the folder on disk)."""
+    import tarfile
+
+    for f in files:
+        entry = tarfile.TarInfo(f"{folder}/{f.path}")
+        entry.size, entry.mode = f.size, 0o644
+        yield entry.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        for start in range(0, f.size, _TAR_CHUNK):
+            yield store.open_range(f.key, start, min(_TAR_CHUNK, f.size - start))
+        if f.size % tarfile.BLOCKSIZE:
+            yield b"\0" * (tarfile.BLOCKSIZE - f.size % tarfile.BLOCKSIZE)
+    yield b"\0" * (2 * tarfile.BLOCKSIZE)  # the end-of-archive marker

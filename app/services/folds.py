@@ -255,6 +255,7 @@ def _run_fold(ctx: FoldContext, inputs: _FoldInputs, heartbeat: _Heartbeat, scra
         out=scratch / ("out" if inputs.base_files else "out.safetensors"),
         version=fold_index,
         device=ctx.settings.device,
+        memory_budget=ctx.settings.fold_memory_bytes,
         progress=_progress_callback(ctx, heartbeat, inputs.version.id),
         lineage=lineage,
         scratch_dir=scratch,

@@ -101,6 +101,40 @@ def test_folders_and_adapters_fold_into_version_folders(api, tmp_path):  # noqa:
         if number == 2:
             assert "| 2 | lora |" in card
         assert json.loads((fetched / "config.json").read_text()) == {"model_type": "tiny"}
+        check_routes(api, stream_id, number, version.files, fetched)
+
+    # another tenant sees none of it; a path that could escape is a 4xx; a file not in it a 404
+    for path in ("files", "files/config.json", "download"):
+        r = api.client.get(f"/v1/streams/{stream_id}/versions/1/{path}", headers=api.headers("tok-bob"))
+        assert r.status_code == 404, (path, r.status_code)
+    for path in ("..%2F..%2Fbase%2Fconfig.json", "a%5Cb", "%2Fetc%2Fpasswd", "nothere.json", "a//b"):
+        r = api.client.get(f"/v1/streams/{stream_id}/versions/1/files/{path}", headers=api.headers())
+        assert 400 <= r.status_code < 500 and r.status_code != 200, (path, r.status_code)
+
+
+def check_routes(api, stream_id, number, manifest, fetched) -> None:  # noqa: ANN001, F811
+    """GET .../files, .../files/{path} and .../download (a tar) give the stored files, byte for byte."""
+    import io
+    import tarfile
+
+    r = api.client.get(f"/v1/streams/{stream_id}/versions/{number}/files", headers=api.headers())
+    assert r.status_code == 200
+    listed = r.json()["files"]
+    assert [[f["path"], f["size"], f["sha256"]] for f in listed] == manifest
+    for f in listed:
+        r = api.client.get(f"/v1/streams/{stream_id}/versions/{number}/files/{f['path']}", headers=api.headers(),
+                           follow_redirects=False)
+        if r.status_code == 307:  # S3: a presigned URL
+            assert f["url"].startswith("http") and "X-Amz-Signature" in r.headers["location"]
+        else:
+            assert r.status_code == 200 and r.content == (fetched / f["path"]).read_bytes()
+    r = api.client.get(f"/v1/streams/{stream_id}/versions/{number}/download", headers=api.headers())
+    assert r.status_code == 200 and r.headers["content-type"] == "application/x-tar"
+    with tarfile.open(fileobj=io.BytesIO(r.content)) as archive:
+        names = archive.getnames()
+        assert names == [f"{stream_id}-v{number}/{p}" for p, _, _ in manifest]
+        for path, _, _ in manifest:
+            assert archive.extractfile(f"{stream_id}-v{number}/{path}").read() == (fetched / path).read_bytes()
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from app.api.deps import Runtime
 from app.api.errors import install_error_handlers
-from app.api.routes import aliases, evaluations, replays, streams, system, uploads
+from app.api.routes import aliases, evaluations, replays, streams, system, uploads, version_files
 from app.core.celery import make_celery
 from app.core.config import Settings, get_settings
 from app.core.db import Database
@@ -109,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(streams.router)
+    app.include_router(version_files.router)
     app.include_router(uploads.router)
     app.include_router(evaluations.router)
     app.include_router(aliases.router)

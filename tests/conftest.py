@@ -265,7 +265,7 @@ def start_api(tmp_path: Path) -> Iterator:
             assert proc.proc.poll() is None, proc.log()
             return httpx.get(f"{url}/openapi.json", timeout=2).status_code == 200
 
-        wait_until(up, 60, 0.2, "the API")
+        wait_until(up, 180, 0.2, "the API")
         return url
 
     yield start

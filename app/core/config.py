@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     # Worker-side folding.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     work_dir: Path | None = None  # scratch space for folds; default data_dir/work
+    # The fold's working memory, in bytes (the interpreter and torch, ~230 MB, come on top): tensors whose
+    # fold would not fit are streamed in blocks with the same output bytes; one that cannot fit fails
+    # the fold with a clear error. Unset: no bound (a few of the largest tensors).
+    fold_memory_bytes: int | None = Field(default=None, ge=64 * 1024 * 1024)
     # Stretch every fold to at least this many seconds (paced at its progress reports).
     # Fault-injection tests use it to kill, cut off or restart things mid-fold; keep 0 in production.
     fold_min_seconds: float = Field(default=0.0, ge=0.0, le=3600.0)

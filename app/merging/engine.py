@@ -23,8 +23,10 @@ import os
 import re
 import secrets
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -33,12 +35,14 @@ import torch
 
 from app.merging import folders
 from app.merging import safetensors_io as stio
-from app.merging.errors import CheckpointError, InvalidParams, InvalidState
+from app.merging.errors import CheckpointError, InvalidParams, InvalidState, MemoryBudgetExceeded
 from app.merging.finite import check_finite_tensor
 from app.merging.lora import AdapterSource
 from app.merging.processing.base import PostprocessStep, PreprocessStep
 from app.merging.protocol import (
     REPORTED_METRICS,
+    ROW_BLOCK,
+    BlockedTensorUpdate,
     FoldState,
     FoldTotals,
     MergeMethod,
@@ -51,8 +55,9 @@ from app.merging.registry import get_method, parse_fold_params
 # DESIGN §4: "linear" tensors are 2-D floating tensors whose name does not match this.
 DEFAULT_EMBEDDING_PATTERN = r"embed|(^|\.)(wte|wpe)(\.|$)"
 # Elements per float64 chunk when accumulating norms: exact-enough sums without a float64 copy
-# of a whole (possibly vocabulary-sized) tensor.
-_NORM_CHUNK = 1 << 22
+# of a whole (possibly vocabulary-sized) tensor; also the chunk a tensor larger than the memory
+# budget streams in (a few float64 copies of it are the floor of any budget: ~40 MB).
+_NORM_CHUNK = 1 << 20
 _PROGRESS_STEP = 0.01
 
 
@@ -163,6 +168,39 @@ class _ScratchFile:
             stio._pread_into(self.fd, stio._buffer(tensor), offset, name)
         return tensor
 
+    # a tensor larger than the memory budget: its place is reserved, then written and read in parts
+    def reserve(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.where[name] = (self.end, dtype, tuple(shape))
+        self.end += math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+    def _pwrite(self, view: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self.fd, view[done:], offset + done)
+
+    def put_elements(self, name: str, start: int, chunk: torch.Tensor) -> None:
+        offset, dtype, _ = self.where[name]
+        chunk = chunk.detach().to("cpu", dtype).contiguous()
+        if chunk.numel():
+            self._pwrite(stio._buffer(chunk), offset + start * chunk.element_size())
+
+    def put_columns(self, name: str, first: int, panel: torch.Tensor) -> None:
+        """Columns [first, first + panel's width) of a 2-D tensor: one pwrite per row."""
+        offset, dtype, (rows, cols) = self.where[name]
+        panel = panel.detach().to("cpu", dtype).contiguous()
+        size = panel.element_size()
+        width = panel.shape[1] * size
+        view = stio._buffer(panel)
+        for row in range(rows):
+            self._pwrite(view[row * width : (row + 1) * width], offset + (row * cols + first) * size)
+
+    def get_elements(self, name: str, start: int, count: int) -> torch.Tensor:
+        offset, dtype, _ = self.where[name]
+        chunk = torch.empty(count, dtype=dtype)
+        if count:
+            stio._pread_into(self.fd, stio._buffer(chunk), offset + start * chunk.element_size(), name)
+        return chunk
+
     def close(self) -> None:
         os.close(self.fd)
         self.path.unlink(missing_ok=True)
@@ -197,6 +235,94 @@ def _scratch_for(device: torch.device, base: TensorSource, directory: Path) -> C
 class _DictSink(dict):
     def write(self, name: str, tensor: torch.Tensor) -> None:
         self[name] = tensor.to("cpu")
+
+
+class _ReadAhead:
+    """Reads the next tensor of a pass while the current one is folded: one tensor ahead, per source.
+
+    ``order`` is the sequence of names the pass will ``read`` from ``source``. Only the bytes are
+    read in the background (``pread`` releases the GIL, and no torch kernel runs there, so the
+    fold's math-library threads are not contended and its results are unchanged); a name read out
+    of order is read in the foreground. ``ahead_limit`` bounds what is held in advance (bytes).
+    """
+
+    def __init__(self, source: Any, order: list[str], pool: ThreadPoolExecutor, ahead_limit: int | None) -> None:
+        self.source = source
+        self.tensors = source.tensors
+        self.order = order
+        self.position = {name: i for i, name in enumerate(order)}
+        self.pool = pool
+        self.ahead_limit = ahead_limit
+        self.pending: tuple[str, Future[torch.Tensor]] | None = None
+
+    def names(self) -> list[str]:
+        return self.source.names()
+
+    def __getattr__(self, attribute: str) -> Any:  # read_elements, read_columns, ...: the source's own
+        return getattr(self.source, attribute)
+
+    def _schedule(self, index: int) -> None:
+        if index < len(self.order):
+            name = self.order[index]
+            if self.ahead_limit is None or self.tensors[name].nbytes <= self.ahead_limit:
+                self.pending = (name, self.pool.submit(self.source.read, name))
+
+    def read(self, name: str) -> torch.Tensor:
+        pending, self.pending = self.pending, None
+        if pending is not None and pending[0] == name:
+            tensor = pending[1].result()
+        else:
+            if pending is not None:
+                pending[1].result()  # never leave a read running on a file about to be closed
+            tensor = self.source.read(name)
+        self._schedule(self.position.get(name, len(self.order)) + 1)
+        return tensor
+
+    def start(self) -> None:
+        self._schedule(0)
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self.pending[1].result()
+            self.pending = None
+
+
+class _WriteBehind:
+    """Writes (and hashes) the output in one background thread, in order, at most ``depth`` tensors behind.
+
+    The checkpoint writer's sha256 and file writes release the GIL, so they overlap the next
+    tensor's decomposition. ``drain`` waits for everything and re-raises the first error.
+    """
+
+    def __init__(self, sink: Any, depth: int = 2) -> None:
+        self.sink = sink
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fold-write")
+        self.slots = threading.BoundedSemaphore(depth)
+        self.futures: list[Future[None]] = []
+
+    def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        self.slots.acquire()
+        future = self.pool.submit(fn, *args)
+        future.add_done_callback(lambda _: self.slots.release())
+        self.futures.append(future)
+        done = [f for f in self.futures if f.done()]
+        for f in done:
+            f.result()  # an earlier write failed: stop the fold now
+        self.futures = [f for f in self.futures if not f.done()]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self._submit(self.sink.write, name, tensor)
+
+    def write_part(self, name: str, tensor: torch.Tensor) -> None:
+        self._submit(self.sink.write_part, name, tensor)
+
+    def drain(self) -> None:
+        try:
+            for future in self.futures:
+                future.result()
+        finally:
+            self.futures = []
+            self.pool.shutdown(wait=True)
 
 
 class _Progress:
@@ -344,6 +470,12 @@ class _FoldInputs:
     aux_in: TensorSource | None = None
     aux_sink: Any = None
     totals: _Totals = field(default_factory=_Totals)
+    # tensors larger than the fold's memory budget: read, folded and written in blocks
+    streamed: frozenset[str] = frozenset()
+    # read the next tensor and write the last one in the background (checkpoint files only);
+    # ahead_limit: the largest tensor (bytes) read ahead, under a memory budget
+    overlap: bool = False
+    ahead_limit: int | None = None
 
     def __post_init__(self) -> None:
         for step in self.postprocess:
@@ -394,6 +526,9 @@ def _one_pass(f: _FoldInputs) -> None:
     """Read each tensor of the base, the previous version and the expert; fold it; write it."""
     totals = f.totals
     for name in f.base.names():
+        if name in f.streamed:
+            _one_pass_streamed(f, name)
+            continue
         stored = f.base.read(name)
         if not f.base.tensors[name].is_floating:
             f.sink.write(name, stored)
@@ -425,6 +560,9 @@ def _update_pass(f: _FoldInputs, scratch: Any) -> None:
     """Pass 1 of a fold with a global step: each tensor's update from τ_t and Δ, kept in ``scratch``."""
     totals = f.totals
     for name in f.floating:
+        if name in f.streamed:
+            _update_streamed(f, name, scratch)
+            continue
         b = f.load(f.base, name)
         delta = f.load(f.previous, name).sub_(b)  # type: ignore[arg-type]
         task = f.load(f.expert, name)
@@ -449,33 +587,314 @@ def _update_pass(f: _FoldInputs, scratch: Any) -> None:
         f.progress.advance("pass1", f.base.tensors[name].numel)
 
 
-def _finish_pass(f: _FoldInputs, scratch: Any) -> None:
-    """Pass 2 of a fold with a global step: each tensor's output from its update and the base."""
+def _finish_pass(f: _FoldInputs, scratch: Any, updates: Any = None) -> None:
+    """Pass 2 of a fold with a global step: each tensor's output from its update and the base.
+
+    ``updates`` reads the whole tensors' updates (the scratch itself, or a reader ahead of it).
+    """
+    read_update = updates.read if updates is not None else scratch.get
     for name in f.base.names():
+        if name in f.streamed:
+            _finish_streamed(f, name, scratch)
+            continue
         stored = f.base.read(name)
         if not f.base.tensors[name].is_floating:
             f.sink.write(name, stored)
             continue
         b = stored.to(device=f.device, dtype=_compute_dtype(f.base.tensors[name]))
         del stored
-        merged = f.method.finish_tensor(scratch.get(name), b)
+        merged = f.method.finish_tensor(read_update(name), b)
         f.write(name, merged, b, "pass2")
         del merged
 
 
+# --------------------------------------------------------------------------- tensors larger than the budget
+#
+# A tensor whose fold would not fit the memory budget is streamed: element-wise work (norms, the
+# NaN/Inf check, element-wise methods, the final D / λ + θ₀) runs on flat chunks of _NORM_CHUNK
+# elements, the chunks the whole-tensor norms are summed over; OPCM's projection runs on
+# ROW_BLOCK-row blocks of the tall orientation, the blocks the whole-tensor products use. Same
+# chunks, same blocks, same operations: a streamed fold writes the bytes the in-memory fold writes.
+
+
+def _chunk_ranges(numel: int) -> Iterator[tuple[int, int]]:
+    for start in range(0, numel, _NORM_CHUNK):
+        yield start, min(_NORM_CHUNK, numel - start)
+
+
+def _elements(f: _FoldInputs, source: Any, name: str, start: int, count: int) -> torch.Tensor:
+    chunk = source.read_elements(name, start, count)
+    return chunk.to(device=f.device, dtype=_compute_dtype(f.base.tensors[name]))
+
+
+def _tall_rows(f: _FoldInputs, source: Any, name: str, start: int) -> torch.Tensor:
+    """Rows [start, start + ROW_BLOCK) of the tensor's tall orientation, laid out as views of the whole would be."""
+    rows, cols = f.base.tensors[name].shape
+    dtype = _compute_dtype(f.base.tensors[name])
+    if rows >= cols:
+        count = min(ROW_BLOCK, rows - start)
+        return source.read_elements(name, start * cols, count * cols).view(count, cols).to(device=f.device, dtype=dtype)
+    return source.read_columns(name, start, start + ROW_BLOCK).to(device=f.device, dtype=dtype).T
+
+
+def _copy_streamed(f: _FoldInputs, name: str) -> None:
+    for start, count in _chunk_ranges(f.base.tensors[name].numel):
+        f.sink.write_part(name, f.base.read_elements(name, start, count))
+
+
+def _check_finite_streamed(expert: Any, name: str) -> None:
+    for start, count in _chunk_ranges(expert.tensors[name].numel):
+        check_finite_tensor(expert.read_elements(name, start, count), name, what="the expert's tensor")
+
+
+def _one_pass_streamed(f: _FoldInputs, name: str) -> None:
+    """``_one_pass`` for one tensor, chunk by chunk (an element-wise method)."""
+    spec = f.base.tensors[name]
+    if not spec.is_floating:
+        _copy_streamed(f, name)
+        return
+    out_dtype = stio.DTYPES[spec.dtype][0]
+    expert_sq = previous_sq = cross = merged_sq = 0.0
+    for start, count in _chunk_ranges(spec.numel):
+        b = _elements(f, f.base, name, start, count)
+        e = _elements(f, f.expert, name, start, count)
+        p = _elements(f, f.previous, name, start, count) if f.previous is not None else None
+        expert_sq += squared_distance(e, b)
+        if p is not None:
+            previous_sq += squared_distance(p, b)
+            cross += inner(e - b, p - b)
+        merged = f.method.fold_tensor(TensorFold(name, f.seed(name), f.is_linear(name), f.version, b, p, e, f.svd_method))
+        del e, p
+        out = merged.to(dtype=out_dtype)
+        merged_sq += squared_distance(out, b)
+        f.sink.write_part(name, out)
+        del merged, out, b
+        f.progress.advance("fold", count)
+    f.totals.expert_sq += expert_sq
+    if f.previous is not None:
+        f.totals.previous_sq += previous_sq
+        f.totals.cross += cross
+    f.totals.merged_sq += merged_sq
+
+
+def _update_streamed(f: _FoldInputs, name: str, scratch: Any) -> None:
+    """``_update_pass`` for one tensor: its norms chunk by chunk, then the method's blocked update."""
+    spec = f.base.tensors[name]
+    task_sq = previous_sq = cross = 0.0
+    nonzero = False
+    for start, count in _chunk_ranges(spec.numel):
+        b = _elements(f, f.base, name, start, count)
+        delta = _elements(f, f.previous, name, start, count).sub_(b)
+        task = _elements(f, f.expert, name, start, count)
+        if f.check_expert:
+            check_finite_tensor(task, name, what="the expert's tensor")
+        task.sub_(b)
+        del b
+        task_sq += squared_norm(task)
+        previous_sq += squared_norm(delta)
+        cross += inner(task, delta)
+        nonzero = nonzero or bool(delta.any())
+    f.totals.expert_sq += task_sq
+    f.totals.previous_sq += previous_sq
+    f.totals.cross += cross
+
+    def chunks() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        for start, count in _chunk_ranges(spec.numel):
+            b = _elements(f, f.base, name, start, count)
+            yield start, _elements(f, f.previous, name, start, count).sub_(b), _elements(f, f.expert, name, start, count).sub_(b)
+
+    def tall_blocks() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        for start in range(0, max(spec.shape), ROW_BLOCK):
+            b = _tall_rows(f, f.base, name, start)
+            yield start, _tall_rows(f, f.previous, name, start).sub_(b), _tall_rows(f, f.expert, name, start).sub_(b)
+
+    def put_rows(start: int, rows: torch.Tensor) -> None:
+        if spec.shape[0] >= spec.shape[1]:
+            scratch.put_elements(name, start * spec.shape[1], rows.reshape(-1))
+        else:
+            scratch.put_columns(name, start, rows.T)
+
+    scratch.reserve(name, spec.shape, _compute_dtype(spec))
+    f.method.update_tensor_blocked(BlockedTensorUpdate(
+        name, f.seed(name), f.is_linear(name), f.version, spec.shape, task_sq, nonzero, f.svd_method,
+        tall_blocks=tall_blocks, chunks=chunks, put_rows=put_rows,
+        put_chunk=lambda start, chunk: scratch.put_elements(name, start, chunk),
+    ))
+    update_sq = 0.0
+    for start, count in _chunk_ranges(spec.numel):
+        update_sq += squared_norm(scratch.get_elements(name, start, count))
+    f.totals.update_sq += update_sq
+    f.progress.advance("pass1", spec.numel)
+
+
+def _finish_streamed(f: _FoldInputs, name: str, scratch: Any) -> None:
+    """``_finish_pass`` for one tensor, chunk by chunk."""
+    spec = f.base.tensors[name]
+    if not spec.is_floating:
+        _copy_streamed(f, name)
+        return
+    out_dtype = stio.DTYPES[spec.dtype][0]
+    merged_sq = 0.0
+    for start, count in _chunk_ranges(spec.numel):
+        b = _elements(f, f.base, name, start, count)
+        merged = f.method.finish_tensor(scratch.get_elements(name, start, count), b)
+        out = merged.to(dtype=out_dtype)
+        del merged
+        merged_sq += squared_distance(out, b)
+        f.sink.write_part(name, out)
+        f.progress.advance("pass2", count)
+    f.totals.merged_sq += merged_sq
+
+
+def _fold_bytes(spec: stio.TensorSpec, linear: bool, *, streamed: bool) -> int:
+    """About what folding one tensor holds at its peak, whole or streamed (measured shapes of the code above).
+
+    Whole: the stored reads, base/previous/expert/result in the compute dtype, and float64 copies
+    of one norm chunk. Streamed: the same for one chunk, or for one ROW_BLOCK-row block of the tall
+    orientation. A projected tensor adds its n×n work, never split: the float64 Gram matrix, its
+    eigenvectors and LAPACK's ~2n² workspace during the eigendecomposition (~4·8n² + Δᵀτ), then
+    the kernel beside each block.
+    """
+    width = 8 if spec.dtype == "F64" else 4
+    stored = stio.DTYPES[spec.dtype][1]
+    numel = spec.numel
+    chunk = min(numel, _NORM_CHUNK)
+    per_element = 3 * stored + 4 * width  # reads; base, previous (Δ), expert (τ), a temporary
+    norms = 3 * 8 * chunk
+    if not (linear and len(spec.shape) == 2 and spec.is_floating):
+        return (chunk if streamed else numel) * per_element + norms
+    n, m = min(spec.shape), max(spec.shape)
+    eigh = (4 * 8 + width) * n * n
+    block = min(m, ROW_BLOCK) * n
+    beside = (8 + width) * n * n  # Gram and Δᵀτ while the blocks stream by
+    if streamed:
+        return max(eigh, beside + block * (per_element + 8), chunk * per_element + norms)
+    return numel * per_element + max(eigh, beside + block * 8, norms)
+
+
+def plan_memory(
+    method: MergeMethod, base: TensorSource, is_linear: Callable[[str], bool], budget: int | None,
+    *, whole_only: str | None = None,
+) -> frozenset[str]:
+    """The tensors to stream so that the fold stays under ``budget`` bytes; MemoryBudgetExceeded when one cannot.
+
+    The budget is the fold's own working memory: the interpreter and torch (~230 MB) come on top.
+    ``whole_only``: why this fold cannot stream its floating tensors at all (None: it can).
+    """
+    if budget is None:
+        return frozenset()
+    streamed = set()
+    for name in base.names():
+        spec = base.tensors[name]
+        linear = spec.is_floating and is_linear(name)
+        if _fold_bytes(spec, linear, streamed=False) <= budget:
+            continue
+        if not hasattr(base, "read_elements"):
+            raise MemoryBudgetExceeded(f"tensor {name!r} does not fit the fold's memory budget of {budget} bytes", tensor=name)
+        can = not spec.is_floating or (
+            whole_only is None and method.elementwise and (not method.has_global_step or method.blocked_update)
+        )
+        if not can:
+            why = whole_only or "it is not element-wise"
+            raise MemoryBudgetExceeded(
+                f"tensor {name!r} needs about {_fold_bytes(spec, linear, streamed=False)} bytes to fold and the fold's "
+                f"memory budget is {budget}; {method.name} folds a tensor whole here ({why}), so raise "
+                "MERGELINE_FOLD_MEMORY_BYTES", tensor=name,
+            )
+        need = _fold_bytes(spec, linear, streamed=True)
+        if need > budget:
+            n = min(spec.shape) if len(spec.shape) == 2 else 0
+            raise MemoryBudgetExceeded(
+                f"tensor {name!r} {list(spec.shape)} needs about {need} bytes even folded in blocks"
+                + (f" (its {n}x{n} Gram matrix and eigendecomposition must be whole)" if linear and n else "")
+                + f"; the fold's memory budget is {budget} bytes: raise MERGELINE_FOLD_MEMORY_BYTES", tensor=name,
+            )
+        streamed.add(name)
+    return frozenset(streamed)
+
+
+def resolve_memory_budget(value: int | None) -> int | None:
+    """The budget in bytes: ``value``, else ``MERGELINE_FOLD_MEMORY_BYTES`` from the environment, else none."""
+    if value is None:
+        raw = os.environ.get("MERGELINE_FOLD_MEMORY_BYTES", "").strip()
+        if not raw:
+            return None
+        try:
+            value = int(raw)
+        except ValueError:
+            raise InvalidParams(f"MERGELINE_FOLD_MEMORY_BYTES must be a number of bytes, not {raw!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidParams(f"the fold's memory budget must be a positive number of bytes, not {value!r}")
+    return value
+
+
+class _ScratchReader:
+    """A pass-1 scratch seen as a source, so that pass 2 reads its updates ahead too."""
+
+    def __init__(self, scratch: Any, tensors: Mapping[str, stio.TensorSpec]) -> None:
+        self.read, self.tensors = scratch.get, tensors
+
+
+@contextlib.contextmanager
+def _overlapped(f: _FoldInputs, orders: dict[str, list[str]], scratch: Any = None) -> Iterator[Any]:
+    """One pass with reads ahead and writes behind (when ``f.overlap``); yields a reader ahead of ``scratch`` or None."""
+    if not f.overlap:
+        yield None
+        return
+    saved = (f.base, f.previous, f.expert, f.sink)
+    pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fold-read")
+    readers: list[_ReadAhead] = []
+
+    def ahead(source: Any, which: str) -> Any:
+        if source is None or which not in orders:
+            return source
+        reader = _ReadAhead(source, orders[which], pool, f.ahead_limit)
+        readers.append(reader)
+        return reader
+
+    writer = _WriteBehind(f.sink, depth=1 if f.ahead_limit is not None else 2)
+    f.base, f.previous, f.expert = ahead(f.base, "base"), ahead(f.previous, "previous"), ahead(f.expert, "expert")
+    f.sink = writer
+    scratch_source = ahead(_ScratchReader(scratch, f.base.tensors), "scratch") if scratch is not None else None
+    for reader in readers:
+        reader.start()
+    ok = False
+    try:
+        yield scratch_source
+        ok = True
+    finally:
+        f.base, f.previous, f.expert, f.sink = saved
+        try:
+            for reader in readers:
+                reader.close()
+            writer.drain() if ok else _abandon(writer)
+        finally:
+            pool.shutdown(wait=True)
+
+
+def _abandon(writer: _WriteBehind) -> None:
+    with contextlib.suppress(BaseException):
+        writer.drain()
+
+
 def _fold(f: _FoldInputs, scratch_factory: Callable[[], Any]) -> tuple[dict[str, Any], dict[str, float]]:
+    names = [n for n in f.base.names() if n not in f.streamed]
+    floating = [n for n in f.floating if n not in f.streamed]
     if f.method.has_global_step:
         if f.method.keeps_aux:
             raise NotImplementedError("an auxiliary checkpoint is written by one-pass folds only")
         scratch = scratch_factory()
         try:
-            _update_pass(f, scratch)
+            with _overlapped(f, {"base": floating, "previous": floating, "expert": floating}):
+                _update_pass(f, scratch)
             f.method.global_step(FoldTotals([*f.carried_norms, math.sqrt(f.totals.expert_sq)], f.totals.update_sq))
-            _finish_pass(f, scratch)
+            with _overlapped(f, {"base": names, "scratch": floating}, scratch) as updates:
+                _finish_pass(f, scratch, updates)
         finally:
             scratch.close()
     else:
-        _one_pass(f)
+        with _overlapped(f, {"base": names, "previous": floating, "expert": floating}):
+            _one_pass(f)
     return _summary(f)
 
 
@@ -621,6 +1040,7 @@ def fold_checkpoint(
     seed_context: str | None = None,
     aux_previous: str | os.PathLike[str] | None = None,
     aux_out: str | os.PathLike[str] | None = None,
+    memory_budget: int | None = None,
 ) -> FoldResult:
     """Fold one expert checkpoint into the running merge, producing version ``version``.
 
@@ -635,10 +1055,14 @@ def fold_checkpoint(
     from ``aux_previous`` (from version 2; its sha256 must be the state's ``aux_sha256``) and writes
     its own atomically to ``aux_out`` (default :func:`default_aux_path`), before the version:
     ``FoldResult.aux`` says where, and the new state records its sha256. Other methods ignore both.
+    ``memory_budget`` (bytes; default ``MERGELINE_FOLD_MEMORY_BYTES``, else unbounded) caps the
+    fold's working memory: tensors whose fold would not fit are streamed in blocks, with the same
+    output bytes, and a tensor that cannot fit even so fails the fold before anything is written.
     Raises a ``CheckpointError`` subclass, before writing anything, for any bad input.
     """
     started = time.perf_counter()
     _bound_allocator()
+    budget = resolve_memory_budget(memory_budget)
     prepared = _prepare(method, params, embedding_pattern, state, version, previous is not None)
     fold_method = prepared.method
     torch_device = _resolve_device(device)
@@ -659,12 +1083,22 @@ def fold_checkpoint(
         if keeps_aux and version >= 2:
             aux_ck = stack.enter_context(stio.open_checkpoint(aux_previous, max_header_bytes=max_header_bytes))
             _check_aux(base_ck, aux_ck, Path(aux_previous), prepared.aux_sha256)  # type: ignore[arg-type]
+        whole_only = (
+            "it keeps an auxiliary checkpoint" if keeps_aux
+            else "params.preprocess/postprocess steps act on whole tensors" if prepared.preprocess or prepared.postprocess
+            else "an input is not a safetensors checkpoint read in place (a LoRA adapter)" if not all(
+                hasattr(source, "read_elements") for source in (base_ck, previous_ck, expert_ck) if source is not None
+            )
+            else None
+        )
+        streamed = plan_memory(fold_method, base_ck, lambda n: len(base_ck.tensors[n].shape) == 2
+                               and not prepared.pattern.search(n), budget, whole_only=whole_only)
         # a fold with a global step checks the expert during pass 1, which writes no output
         pre_check = not fold_method.has_global_step
         phases, totals = _phases(fold_method, base_ck, check_expert=pre_check)
         tracker = _Progress(progress, phases, totals)
         if pre_check:
-            _check_finite(expert_ck, tracker)
+            _check_finite(expert_ck, tracker, streamed)
 
         lineage = {key: value for key, value in (lineage or {}).items() if value is not None}
         card = folders.card_lineage(lineage)
@@ -705,8 +1139,15 @@ def fold_checkpoint(
                 postprocess=prepared.postprocess,
                 aux_in=aux_ck,
                 aux_sink=aux_writer,
+                streamed=streamed,
+                overlap=True,
+                ahead_limit=budget // 8 if budget is not None else None,
             )
-            new_state, metrics = _fold(inputs, _scratch_for(torch_device, base_ck, scratch_root))
+            scratch_factory = (
+                (lambda: _ScratchFile(scratch_root)) if streamed else _scratch_for(torch_device, base_ck, scratch_root)
+            )
+            new_state, metrics = _fold(inputs, scratch_factory)
+            metrics["streamed_tensors"] = float(len(streamed))
             writer.describe(
                 method=fold_method.name, params=prepared.stored_params, version=version, metrics=metrics, **card
             )
@@ -722,7 +1163,7 @@ def fold_checkpoint(
     )
 
 
-def _check_finite(expert: stio.Checkpoint, tracker: _Progress) -> None:
+def _check_finite(expert: stio.Checkpoint, tracker: _Progress, streamed: frozenset[str] = frozenset()) -> None:
     if isinstance(expert, AdapterSource):  # its own few tensors; the rest is the base
         expert.check_finite()
         return
@@ -730,7 +1171,10 @@ def _check_finite(expert: stio.Checkpoint, tracker: _Progress) -> None:
         spec = expert.tensors[name]
         if spec.dtype not in stio.FLOATING_DTYPES:
             continue
-        check_finite_tensor(expert.read(name), name, what="the expert's tensor")
+        if name in streamed:
+            _check_finite_streamed(expert, name)
+        else:
+            check_finite_tensor(expert.read(name), name, what="the expert's tensor")
         tracker.advance("check", spec.numel)
 
 

@@ -60,3 +60,9 @@ class InvalidState(CheckpointError, ValueError):
     """The carried fold state does not belong to this stream's previous version."""
 
     code = "invalid_state"
+
+
+class MemoryBudgetExceeded(CheckpointError):
+    """A tensor's fold cannot fit the fold's memory budget (``MERGELINE_FOLD_MEMORY_BYTES``), even in blocks."""
+
+    code = "memory_budget_exceeded"

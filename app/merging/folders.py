@@ -508,6 +508,11 @@ class VersionWriter:
         assert self._weights is not None
         self._weights.write(name, tensor)
 
+    def write_part(self, name: str, tensor: Any) -> None:
+        """The next bytes of a tensor written in parts (a fold under a memory budget streams large tensors)."""
+        assert self._weights is not None, "write_part outside the with block"
+        self._weights.write_part(name, tensor)
+
     def describe(self, **card_args: Any) -> None:
         """What the model card says (method, params, version, experts, metrics, base_model)."""
         self.card_args = card_args

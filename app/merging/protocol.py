@@ -19,6 +19,7 @@ method that draws random numbers (DARE) writes the same bytes when a fold is red
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, ClassVar
@@ -81,6 +82,35 @@ class TensorUpdate(_Seeded):
 
 
 @dataclass
+class BlockedTensorUpdate(_Seeded):
+    """Pass 1 for one tensor too large for the fold's memory budget: τ_t and Δ streamed in blocks.
+
+    ``tall_blocks()`` yields (first row, Δ rows, τ rows) of the tensor's tall orientation (its
+    transpose when it is wide), ``ROW_BLOCK`` rows at a time, laid out as rows of the whole
+    tensor's transposed view would be; ``chunks()`` yields (first element, Δ, τ) as flat chunks
+    of the stored order. Each call reads the blocks again from the checkpoints, so only a block
+    of each is in memory at once. The method hands the update back with ``put_rows(first row,
+    rows)`` or ``put_chunk(first element, chunk)``, covering the tensor once.
+    """
+
+    linear: bool
+    t: int
+    shape: tuple[int, ...]
+    task_sq: float  # ‖τ_t‖² of this tensor, float64
+    delta_nonzero: bool  # whether any element of Δ is non-zero
+    svd_method: str
+    tall_blocks: Callable[[], Iterator[tuple[int, torch.Tensor, torch.Tensor]]]
+    chunks: Callable[[], Iterator[tuple[int, torch.Tensor, torch.Tensor]]]
+    put_rows: Callable[[int, torch.Tensor], None]
+    put_chunk: Callable[[int, torch.Tensor], None]
+
+
+# Rows of a tensor's tall orientation per block, for the fold's matrix products (whole tensors
+# and tensors streamed under a memory budget alike: the same blocks give the same bytes).
+ROW_BLOCK = 4096
+
+
+@dataclass
 class FoldTotals:
     """What the engine measured over all floating tensors, for a method's global step and metrics."""
 
@@ -119,6 +149,12 @@ class MergeMethod:
     Params: ClassVar[type[BaseModel]] = _NoParams
     State: ClassVar[type[FoldState]] = FoldState
     keeps_aux: ClassVar[bool] = False
+    # fold_tensor and finish_tensor act element by element, whatever the tensor's shape, and draw
+    # no random numbers: a tensor larger than the fold's memory budget may go through them in flat
+    # chunks and gets the same bytes. Leave False otherwise (such a tensor then fails the budget).
+    elementwise: ClassVar[bool] = False
+    # update_tensor_blocked is implemented (a fold with a global step under a memory budget)
+    blocked_update: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel, state: FoldState | None, t: int) -> None:
         self.params = params
@@ -150,6 +186,10 @@ class MergeMethod:
         """Pass 1: one tensor's update, kept aside (float32/64) until the global step has run."""
         raise NotImplementedError(f"{self.name} has no global step")
 
+    def update_tensor_blocked(self, x: BlockedTensorUpdate) -> None:
+        """Pass 1 for a tensor streamed in blocks: the same update as :meth:`update_tensor`, put back block by block."""
+        raise NotImplementedError(f"{self.name} cannot fold a tensor in blocks")
+
     def global_step(self, totals: FoldTotals) -> None:
         """After pass 1: the step that needs the whole update (OPCM's rescale)."""
 
@@ -176,4 +216,7 @@ REPORTED_METRICS: dict[str, float] = {
     "mean_split_rank_fraction": 0.0,
 }
 
-__all__ = ["REPORTED_METRICS", "FoldState", "FoldTotals", "MergeMethod", "TensorFold", "TensorUpdate", "tensor_seed"]
+__all__ = [
+    "REPORTED_METRICS", "ROW_BLOCK", "BlockedTensorUpdate", "FoldState", "FoldTotals", "MergeMethod", "TensorFold",
+    "TensorUpdate", "tensor_seed",
+]

@@ -410,6 +410,32 @@ class Checkpoint:
             _pread_into(self._fd(shard), _buffer(tensor), self._data_start[shard] + spec.begin, name)
         return tensor
 
+    def read_elements(self, name: str, start: int, count: int) -> torch.Tensor:
+        """Elements [start, start + count) of a tensor in storage order, as a flat CPU tensor (one pread)."""
+        spec = self.tensors[name]
+        dtype, size = DTYPES[spec.dtype]
+        count = max(0, min(count, spec.numel - start))
+        tensor = torch.empty(count, dtype=dtype)
+        if count:
+            shard = self.shard_of[name]
+            _pread_into(self._fd(shard), _buffer(tensor), self._data_start[shard] + spec.begin + start * size, name)
+        return tensor
+
+    def read_columns(self, name: str, first: int, stop: int) -> torch.Tensor:
+        """Columns [first, stop) of a 2-D tensor as a contiguous (rows, stop - first) CPU tensor: one pread per row."""
+        spec = self.tensors[name]
+        rows, cols = spec.shape
+        dtype, size = DTYPES[spec.dtype]
+        stop = min(stop, cols)
+        panel = torch.empty((rows, max(0, stop - first)), dtype=dtype)
+        if panel.numel():
+            shard = self.shard_of[name]
+            fd, origin = self._fd(shard), self._data_start[shard] + spec.begin + first * size
+            view, width = _buffer(panel), (stop - first) * size
+            for row in range(rows):
+                _pread_into(fd, view[row * width : (row + 1) * width], origin + row * cols * size, name)
+        return panel
+
     def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
@@ -490,6 +516,7 @@ class _FileWriter:
         header, self.specs = encode_header(layout, metadata)
         self.order = [name for name, _, _ in layout]
         self.next = 0
+        self._part_bytes = 0  # of the tensor being written in parts
         self.digest = hashlib.sha256()
         self.file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close() or abort()
         self._write(header)
@@ -514,6 +541,26 @@ class _FileWriter:
             self._write(_buffer(tensor))
             self.size += spec.nbytes
         self.next += 1
+
+    def write_part(self, name: str, tensor: torch.Tensor) -> None:
+        """The next bytes of tensor ``name``, in storage order; the tensor is done when all its bytes have come."""
+        if self.next >= len(self.order) or self.order[self.next] != name:
+            expected = self.order[self.next] if self.next < len(self.order) else "nothing more"
+            raise RuntimeError(f"{self.path.name}: wrote part of {name!r} but expected {expected!r}")
+        spec = self.specs[name]
+        if SAFETENSORS_DTYPE[tensor.dtype] != spec.dtype:
+            raise RuntimeError(f"{name!r}: got a {tensor.dtype} part, declared {spec.dtype}")
+        tensor = tensor.detach().to("cpu").contiguous()
+        done = self._part_bytes + tensor.numel() * tensor.element_size()
+        if done > spec.nbytes:
+            raise RuntimeError(f"{name!r}: parts add up to {done} bytes, declared {spec.nbytes}")
+        if tensor.numel():
+            self._write(_buffer(tensor))
+            self.size += tensor.numel() * tensor.element_size()
+        self._part_bytes = done
+        if done == spec.nbytes:
+            self._part_bytes = 0
+            self.next += 1
 
     @property
     def complete(self) -> bool:
@@ -579,6 +626,14 @@ class CheckpointWriter:
         shard = self.like.shard_of[name]
         writer = self._writer(shard)
         writer.write(name, tensor)
+        if writer.complete:
+            writer.close()
+
+    def write_part(self, name: str, tensor: torch.Tensor) -> None:
+        """The next bytes of tensor ``name`` (a flat chunk in storage order): tensors larger than memory."""
+        shard = self.like.shard_of[name]
+        writer = self._writer(shard)
+        writer.write_part(name, tensor)
         if writer.complete:
             writer.close()
 

@@ -27,4 +27,6 @@ class Expert(Base):
     source_expert_id: Mapped[str | None] = mapped_column(ForeignKey("experts.id"), index=True)
     # The safetensors ``__metadata__`` of the upload (string -> string).
     meta: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
+    # A folder or LoRA adapter expert: its files as [path, size, sha256] (null: one .safetensors object).
+    files: Mapped[list[Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -24,6 +24,8 @@ class Stream(Base):
     base_size: Mapped[int | None] = mapped_column(BigInteger)
     # The base's raw safetensors header JSON, kept so expert uploads are checked without a store read.
     base_header: Mapped[str | None] = mapped_column(Text)
+    # A folder base: its files as [path, size, sha256] (null: one .safetensors object).
+    base_files: Mapped[list[Any] | None] = mapped_column(JSON)
     # Highest version number handed out; bumped with an atomic UPDATE, which also serializes uploads.
     version_count: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

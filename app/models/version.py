@@ -40,6 +40,8 @@ class Version(Base):
     object_key: Mapped[str | None] = mapped_column(String(400))
     sha256: Mapped[str | None] = mapped_column(String(64))
     size: Mapped[int | None] = mapped_column(BigInteger)
+    # A folder version: its files as [path, size, sha256] (null: one .safetensors object).
+    files: Mapped[list[Any] | None] = mapped_column(JSON)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # The fold lease: which worker attempt holds the version, until when (unix seconds).
     lease_owner: Mapped[str | None] = mapped_column(String(64))

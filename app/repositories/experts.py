@@ -53,3 +53,17 @@ def for_stream_in_arrival_order(session: Session, stream_id: str) -> list[Expert
             .order_by(Version.number)
         )
     )
+
+
+def lineage(session: Session, stream_id: str, number: int) -> list[dict[str, str]]:
+    """Name and sha256 of the expert of each version 1..number of a stream (skipped ones left out), in order."""
+    from app.models import Version, VersionStatus
+
+    rows = session.execute(
+        select(Expert.name, Expert.sha256)
+        .join(Version, Version.expert_id == Expert.id)
+        .where(Version.stream_id == stream_id, Version.number >= 1, Version.number <= number,
+               Version.status != VersionStatus.skipped.value)
+        .order_by(Version.number)
+    ).all()
+    return [{"name": name, "sha256": sha256} for name, sha256 in rows]

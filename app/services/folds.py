@@ -28,6 +28,7 @@ from app.models import VersionStatus, utcnow
 from app.repositories import experts as experts_repo
 from app.repositories import streams as streams_repo
 from app.repositories import versions as versions_repo
+from app.services import checkpoints
 from app.services.queue import FoldQueue
 from app.storage import ObjectNotFound, ObjectStore, StoreUnavailable, base_key, version_key
 
@@ -144,6 +145,8 @@ class _FoldInputs:
     fold_index: int
     # The stream whose stored base object the fold reads: the stream itself, or a replay's origin.
     base_stream_id: str = ""
+    base_files: list[Any] | None = None  # the base's manifest when it is a folder
+    lineage: list[dict[str, str]] | None = None  # name and sha256 of each expert folded so far, for the card
 
 
 def _fold_claimed(ctx: FoldContext, version_id: str, owner: str) -> str:
@@ -196,8 +199,11 @@ def _read_inputs(ctx: FoldContext, version_id: str) -> _FoldInputs:
         parent = versions_repo.get(session, version.parent_id)
         # The engine's fold index: the version number, less the versions an operator skipped.
         fold_index = versions_repo.folds_before(session, parent) + 1
+        base_files = streams_repo.get(session, base_stream_id or stream.id).base_files
+        lineage = experts_repo.lineage(session, stream.id, version.number) if base_files else None
     return _FoldInputs(
-        version=version, stream=stream, expert=expert, parent=parent, fold_index=fold_index, base_stream_id=base_stream_id
+        version=version, stream=stream, expert=expert, parent=parent, fold_index=fold_index,
+        base_stream_id=base_stream_id, base_files=base_files, lineage=lineage,
     )
 
 
@@ -221,11 +227,18 @@ def _run_fold(ctx: FoldContext, inputs: _FoldInputs, heartbeat: _Heartbeat, scra
     from app.merging import fold_checkpoint
 
     stream, expert, parent, fold_index = inputs.stream, inputs.expert, inputs.parent, inputs.fold_index
-    base = _materialize(ctx.store, base_key(inputs.base_stream_id or stream.id), scratch / "base.safetensors")
-    previous = (
-        _materialize(ctx.store, parent.object_key, scratch / "previous.safetensors") if fold_index > 1 else None
+    base = checkpoints.materialize(
+        ctx.store, base_key(inputs.base_stream_id or stream.id), inputs.base_files, scratch / "base.safetensors"
     )
-    expert_path = _materialize(ctx.store, expert.object_key, scratch / "expert.safetensors")
+    previous = (
+        checkpoints.materialize(ctx.store, parent.object_key, parent.files, scratch / "previous.safetensors")
+        if fold_index > 1
+        else None
+    )
+    expert_path = checkpoints.materialize(ctx.store, expert.object_key, expert.files, scratch / "expert.safetensors")
+    lineage: dict[str, Any] = {"parent_sha256": parent.sha256, "expert_sha256": expert.sha256, "stream": stream.id}
+    if inputs.base_files:  # the version folder's model card
+        lineage.update(experts=inputs.lineage or [], base_model=stream.name)
     # a method with an auxiliary checkpoint (iso_c) recorded its sha256 in the parent's state
     aux_previous = (
         _materialize(ctx.store, aux_key(parent.stream_id, parent.number), scratch / "previous.aux.safetensors")
@@ -239,11 +252,12 @@ def _run_fold(ctx: FoldContext, inputs: _FoldInputs, heartbeat: _Heartbeat, scra
         previous=previous,
         expert=expert_path,
         state=parent.state if fold_index > 1 else None,
-        out=scratch / "out.safetensors",
+        out=scratch / ("out" if inputs.base_files else "out.safetensors"),
         version=fold_index,
         device=ctx.settings.device,
+        memory_budget=ctx.settings.fold_memory_bytes,
         progress=_progress_callback(ctx, heartbeat, inputs.version.id),
-        lineage={"parent_sha256": parent.sha256, "expert_sha256": expert.sha256, "stream": stream.id},
+        lineage=lineage,
         scratch_dir=scratch,
         aux_previous=aux_previous,
         aux_out=scratch / "out.aux.safetensors",
@@ -260,8 +274,13 @@ def _store_and_record(ctx: FoldContext, inputs: _FoldInputs, owner: str, result:
     key = version_key(inputs.stream.id, inputs.version.number)
     if result.aux is not None:  # beside the version, stored first: a visible version always has it
         ctx.store.put_file(aux_key(inputs.stream.id, inputs.version.number), Path(result.aux.path), move=True)
-    # Deterministic key: a redone fold rewrites the same bytes; the row flips only after this.
-    ctx.store.put_file(key, Path(result.out), move=True)
+    # Deterministic key: a redone fold rewrites the same bytes; the row flips only after this
+    # (a folder version: after every one of its files, the index and the card included).
+    files = None
+    if inputs.base_files:
+        files = checkpoints.store_folder(ctx.store, key, Path(result.out), result.files)
+    else:
+        ctx.store.put_file(key, Path(result.out), move=True)
     with ctx.db.session() as session:
         done = versions_repo.finish(
             session,
@@ -275,6 +294,7 @@ def _store_and_record(ctx: FoldContext, inputs: _FoldInputs, owner: str, result:
             state=_jsonable(result.state),
             metrics=_jsonable(result.metrics),
             finished_at=utcnow(),
+            files=files,
         )
         if done:  # the stream's evaluator runs as a task of its own, sent after this commit: it never touches the version
             from app.services.evaluations import queue_plugin_evaluation

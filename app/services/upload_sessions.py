@@ -725,7 +725,7 @@ def complete(
     if upload.kind == "file":
         answer, result = _accept_single(session, store, queue, stream, upload, files[0])
     else:
-        answer, result = _accept_folder(session, store, stream, upload, files)
+        answer, result = _accept_folder(session, store, queue, stream, upload, files)
     upload.result = result
     staged = [(f.path, None) for f in files]
     stream_id, upload_id = stream.id, upload.id
@@ -761,15 +761,14 @@ def _accept_single(
 
 
 def _accept_folder(
-    session: Session, store: ObjectStore, stream: Stream, upload: UploadSession, files: list[UploadFile]
+    session: Session, store: ObjectStore, queue: FoldQueue, stream: Stream, upload: UploadSession,
+    files: list[UploadFile],
 ) -> tuple[Completed, dict[str, Any]]:
-    # Branch `folders` replaces this with app.services.checkpoints.accept_folder(session, store, stream,
-    # role=, name=, files=[StagedFile(path, size, sha256, key=upload_key(...))]) (see _notes/INTERFACES.md).
-    raise ServiceError(
-        "folder uploads are not available yet: this server accepts sessions of one .safetensors file",
-        code="folder_uploads_unavailable",
-        status_code=422,
-    )
+    from app.services import checkpoints
+
+    staged = [checkpoints.StagedFile(f.path, f.size, f.sha256, upload_key(stream.id, upload.id, f.path)) for f in files]
+    accepted = checkpoints.accept_folder(session, store, queue, stream, role=upload.role, name=upload.name, files=staged)
+    return Completed(accepted.status_code, accepted.body), accepted.result
 
 
 def _answer_again(session: Session, stream: Stream, result: dict[str, Any]) -> Completed:

@@ -30,13 +30,17 @@ class MethodConfig:
     params: Mapping[str, Any]
     # The hyper-parameter swept for this method (chosen on validation), if any.
     swept: str | None = None
+    # A variant's name (pre/post-processing steps in the params), shown after the setting.
+    tag: str | None = None
 
     @property
     def label(self) -> str:
         if self.swept is None:
-            return self.method
-        symbol = {"alpha": "α", "lambda": "λ"}.get(self.swept, self.swept)
-        return f"{self.method} {symbol}={self.params[self.swept]:g}"
+            label = self.method
+        else:
+            symbol = {"alpha": "α", "lambda": "λ"}.get(self.swept, self.swept)
+            label = f"{self.method} {symbol}={self.params[self.swept]:g}"
+        return f"{label} + {self.tag}" if self.tag else label
 
     @property
     def family(self) -> str:

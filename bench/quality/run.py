@@ -2,6 +2,7 @@
 
     .venv/bin/python -m bench.quality.run            # the full benchmark, ~10 min on 2 CPU cores
     .venv/bin/python -m bench.quality.run --mini     # a miniature run (2 tasks, tiny model), seconds
+    .venv/bin/python -m bench.quality.run --suite minilm   # the real-model suite (bench/quality/minilm_suite.py)
 
 For each seed: pretrain a small ViT on part of sklearn's digits, then for every task train a
 linear probe on the frozen base (lower bound) and fine-tune the backbone under that frozen head
@@ -217,6 +218,8 @@ def write_reports(results: dict[str, Any], out: Path, name: str = "quality") -> 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", choices=("digits", "minilm"), default="digits",
+                        help="digits: a small ViT pretrained on sklearn's digits; minilm: the real all-MiniLM-L6-v2 on 8 text tasks")
     parser.add_argument("--mini", action="store_true", help="miniature run: 2 tasks, tiny model, 1 order, 1 seed")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where results are written")
     parser.add_argument("--workdir", type=Path, default=None, help="where checkpoints go while running (temporary)")
@@ -224,8 +227,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--replot", action="store_true",
                         help="rewrite the table and plots from --out's quality.json without rerunning anything")
     parser.add_argument("--finetune-lr", type=float, default=None, help="override the experts' fine-tuning lr")
-    parser.add_argument("--name", default="quality", help="results file stem (quality.json, quality.md, ...)")
+    parser.add_argument("--name", default=None, help="results file stem (default quality / quality_minilm)")
     args = parser.parse_args(argv)
+    if args.suite == "minilm":
+        from bench.quality import minilm_report, minilm_suite
+
+        name = args.name or "quality_minilm"
+        if args.replot:
+            minilm_report.write(json.loads((args.out / f"{name}.json").read_text()), args.out, name)
+            return
+        config = minilm_suite.mini_config() if args.mini else minilm_suite.full_config()
+        if args.finetune_lr is not None:
+            config = dataclasses.replace(config, finetune_lr=args.finetune_lr)
+        minilm_suite.run(config, args.out, name=name, workdir=args.workdir, threads=args.threads)
+        return
+    args.name = args.name or "quality"
     if args.replot:
         write_reports(json.loads((args.out / f"{args.name}.json").read_text()), args.out, args.name)
         return

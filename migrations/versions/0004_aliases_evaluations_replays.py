@@ -4,7 +4,7 @@ Chain: 0001 -> 0002 (upload sessions) -> 0003 (folder manifests) -> 0004; down_r
 newest of those present on main (re-pointed when they land).
 
 Revision ID: 0004
-Revises: 0002
+Revises: 0003
 Create Date: 2026-12-01 13:46:55.035637
 """
 
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0004'
-down_revision = '0002'
+down_revision = '0003'
 branch_labels = None
 depends_on = None
 

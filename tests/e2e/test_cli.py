@@ -212,6 +212,67 @@ def test_push_killed_halfway_sends_only_the_rest_when_run_again(tmp_path: Path, 
     assert client.get_version(stream_id, 1).expert.sha256 == sha(expert)
 
 
+def test_cli_pushes_model_folders_and_an_adapter_and_pulls_a_folder_transformers_loads(tmp_path: Path, embedded) -> None:  # noqa: ANN001
+    """The real all-MiniLM-L6-v2: a sharded base folder, two full-folder experts (another shard
+    layout) and a PEFT LoRA adapter pushed with the CLI, watched, and the last version pulled."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from app.merging import fold_checkpoint
+    from mergeline.client import ApiError, Client, UploadState
+    from tests.merging import minilm
+
+    url, _ = embedded
+    # Folder uploads arrive with branch `folders`' accept_folder; until then sessions refuse them at
+    # `complete`, and this test waits for them (probed with a tiny folder, before the real model is built).
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "config.json").write_text("{}")
+    make_base(probe / "model.safetensors")
+    client = Client(url, "tok-alice", state=UploadState(tmp_path / "probe.json"))
+    try:
+        client.push(client.create_stream("probe").id, probe, base=True)
+    except ApiError as exc:
+        if exc.code == "folder_uploads_unavailable":
+            pytest.skip(f"this server takes no folder uploads yet: {exc.message}")
+        raise
+    ck = minilm.build(tmp_path / "minilm")
+    experts = [ck.experts[0], ck.experts[2], ck.experts[1]]  # full1, lora1, full2
+    cli = Cli(url, "tok-alice", tmp_path / "state")
+    stream_id = cli.run("create", "minilm", "--method", "opcm", "-q").stdout.strip()
+    cli.run("push", stream_id, str(ck.base), "--base")
+    for n, folder in enumerate(experts, start=1):
+        pushed = cli.run("push", stream_id, str(folder), "--name", folder.name)
+        assert f"expert {folder.name} accepted: version {n}" in pushed.stdout, pushed.stdout
+        assert f"version {n} succeeded" in cli.run("watch", stream_id, str(n)).stdout
+
+    out = tmp_path / "pulled"
+    cli.run("pull", stream_id, "3", str(out))
+    names = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    base_names = sorted(p.relative_to(ck.base).as_posix() for p in ck.base.rglob("*") if p.is_file())
+    assert set(base_names) - {"README.md"} <= set(names) and "README.md" in names  # the base's layout, and a card
+    assert "model.safetensors.index.json" in names
+
+    previous, state = None, None
+    for t, expert in enumerate(experts, start=1):
+        result = fold_checkpoint(
+            method="opcm", params={}, base=ck.base, previous=previous, expert=expert, state=state,
+            out=tmp_path / f"offline-{t}", version=t, device="cpu", progress=None,
+            lineage={"parent_sha256": "", "expert_sha256": "", "stream": stream_id}, scratch_dir=tmp_path,
+        )  # fmt: skip
+        previous, state = Path(result.out), result.state
+    pulled, offline = minilm.load_state_dict(out), minilm.load_state_dict(previous)
+    assert pulled.keys() == offline.keys()
+    for name, tensor in offline.items():
+        assert torch.equal(pulled[name], tensor) or float((pulled[name].double() - tensor.double()).norm()) <= 1e-6 * max(
+            float(tensor.double().norm()), 1e-30
+        ), name
+
+    model = AutoModel.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    embedding = minilm.embeddings(model, tokenizer)
+    assert embedding.shape == (len(minilm.SENTENCES), 384) and torch.isfinite(embedding).all()
+
+
 def test_cli_flow_on_postgres_redis_and_s3(tmp_path: Path, distributed_env: dict[str, str], start_api, start_worker) -> None:
     url = start_api(distributed_env)
     start_worker(distributed_env)

@@ -160,7 +160,7 @@ class Cluster:
             assert self.api.alive, self.api.log()
             return httpx.get(f"{self.url}/healthz", timeout=5).status_code in (200, 503)
 
-        wait_until(up, 60, 0.2, "the API")
+        wait_until(up, 180, 0.2, "the API")
         return self.url
 
     def start_worker(self, name: str, *, wait: bool = True) -> Proc:

@@ -11,7 +11,12 @@ from tests.hostile.state import stored_state
 from tests.isolation.conftest import ALICE, BOB, TwoTenants
 
 # Routes anyone may call: liveness for probes, Prometheus scraping, and the API's own documentation.
-PUBLIC = {"/livez", "/healthz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
+PUBLIC = {"/livez", "/healthz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc",
+          # the web view's login form, logout and its fixed list of static files
+          "/ui/login", "/ui/logout", "/ui/static/{name}"}
+# Web pages a browser opens: without a valid token they send it to the login form (303), and another
+# tenant's stream is an HTML 404 page; their data endpoints answer like the API.
+PAGES = {"/ui", "/ui/streams/{stream_id}"}
 BAD_AUTHORIZATION = {
     "missing": None,
     "unknown token": f"Bearer {ALICE}x",
@@ -48,7 +53,7 @@ def endpoints(app) -> list[tuple[str, str]]:
 
 def fill(path: str, stream_id: str) -> str:
     values = {"stream_id": stream_id, "number": "1", "alias": "production", "upload_id": "0" * 32,
-              "path": "model.safetensors"}
+              "path": "model.safetensors", "name": "style.css"}
     unknown = set(re.findall(r"{(\w+)}", path)) - set(values)
     assert not unknown, f"{path}: teach this test what to put in {unknown}"
     return path.format(**values)
@@ -67,7 +72,7 @@ def call(two_tenants: TwoTenants, method: str, path: str, authorization: str | b
     headers = {"Authorization": authorization} if authorization is not None else {}
     json = next((b for suffix, b in JSON_BODIES.items() if path.endswith(suffix)), None) if method in ("PUT", "POST") else None
     body = two_tenants.expert if method in ("PUT", "POST") and json is None else None
-    return two_tenants.client.request(method, path, headers=headers, content=body, json=json)
+    return two_tenants.client.request(method, path, headers=headers, content=body, json=json, follow_redirects=False)
 
 
 def assert_error_shape(response, status: int, code: str) -> None:
@@ -101,6 +106,11 @@ def test_every_non_public_endpoint_answers_401_to_a_bad_token(two_tenants: TwoTe
         if template in PUBLIC:
             continue
         r = call(two_tenants, method, fill(template, two_tenants.stream_id), BAD_AUTHORIZATION[bad])
+        if template in PAGES:
+            assert r.status_code == 303 and r.headers["location"] == "/ui/login", (method, template, r.status_code)
+            assert two_tenants.stream_id not in r.text
+            checked += 1
+            continue
         assert_error_shape(r, 401, "unauthorized")
         assert r.headers.get("www-authenticate") == "Bearer", (method, template)
         checked += 1
@@ -113,7 +123,7 @@ def test_every_non_public_endpoint_answers_401_to_a_bad_token(two_tenants: TwoTe
 def test_public_endpoints_answer_without_a_token(two_tenants: TwoTenants) -> None:
     for method, template in endpoints(two_tenants.app):
         if template in PUBLIC and method == "GET" and "oauth2" not in template:
-            assert two_tenants.client.get(template).status_code == 200, template
+            assert two_tenants.client.get(fill(template, two_tenants.stream_id)).status_code == 200, template
 
 
 def test_another_tenants_token_gets_404_everywhere_and_changes_nothing(two_tenants: TwoTenants) -> None:
@@ -124,6 +134,12 @@ def test_another_tenants_token_gets_404_everywhere_and_changes_nothing(two_tenan
         if "{stream_id}" not in template:
             continue
         r = call(two_tenants, method, fill(template, two_tenants.stream_id), f"Bearer {BOB}")
+        if template in PAGES:
+            missing = call(two_tenants, method, fill(template, "0" * 32), f"Bearer {BOB}")
+            assert r.status_code == missing.status_code == 404, (method, template)
+            assert r.text.replace(two_tenants.stream_id, "0" * 32) == missing.text
+            checked += 1
+            continue
         assert_error_shape(r, 404, "not_found")
         # Indistinguishable from a stream that does not exist.
         missing = call(two_tenants, method, fill(template, "0" * 32), f"Bearer {BOB}")

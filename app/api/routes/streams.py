@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
 from app.api.deps import QueueDep, ReaderDep, RuntimeDep, SessionDep, SettingsDep, StoreDep, TenantDep
@@ -23,6 +23,7 @@ from app.schemas.streams import (
     VersionList,
     VersionPublic,
 )
+from app.services import checkpoints
 from app.services import streams as streams_service
 from app.services import uploads as uploads_service
 from app.services import versions as versions_service
@@ -252,11 +253,18 @@ def skip_version(stream_id: str, number: str, session: SessionDep, queue: QueueD
 def download_version(
     stream_id: str, number: str, session: SessionDep, store: StoreDep, tenant: TenantDep, settings: SettingsDep
 ) -> Any:
-    """The merged checkpoint: a 307 to a presigned URL on S3, or the bytes from the local store."""
-    stream = streams_service.get_stream(session, tenant, stream_id)
-    version = streams_service.get_version(session, stream, number)
-    if version.status != "succeeded":
-        raise Conflict(f"version {version.number} is {version.status}, not succeeded", code="version_not_ready")
+    """The merged checkpoint: a 307 to a presigned URL on S3, or the bytes from the local store.
+
+    A folder version comes as one streamed tar of its files (GET .../files lists them one by one).
+    """
+    version = checkpoints.succeeded_version(session, tenant, stream_id, number)
+    if version.files:
+        folder = f"{version.stream_id}-v{version.number}"
+        return StreamingResponse(
+            checkpoints.tar_stream(store, checkpoints.served_files(version), folder),
+            media_type="application/x-tar",
+            headers={"Content-Disposition": f'attachment; filename="{folder}.tar"', "X-Checkpoint-Sha256": version.sha256},
+        )
     # An @alias may name a version of a replay: it is served from that replay's stream.
     key = version.object_key or version_key(version.stream_id, version.number)
     filename = f"{version.stream_id}-v{version.number}.safetensors"

@@ -35,6 +35,7 @@ class Average(MergeMethod):
     """Running average as a one-pass fold: :func:`average_fold` on every floating tensor."""
 
     name = "average"
+    elementwise = True
     Params = AverageParams
 
     def fold_tensor(self, x: TensorFold) -> Tensor:

@@ -45,6 +45,7 @@ class MagMax(MergeMethod):
     """MagMax as a one-pass fold: :func:`magmax_fold` on every floating tensor."""
 
     name = "magmax"
+    elementwise = True
     Params = MagMaxParams
 
     def fold_tensor(self, x: TensorFold) -> Tensor:

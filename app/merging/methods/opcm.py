@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor
 
-from app.merging.errors import InvalidState, NonFiniteTensor
-from app.merging.protocol import FoldState, FoldTotals, MergeMethod, TensorFold, TensorUpdate
+from app.merging.errors import InvalidState, MemoryBudgetExceeded, NonFiniteTensor
+from app.merging.protocol import (
+    ROW_BLOCK,
+    BlockedTensorUpdate,
+    FoldState,
+    FoldTotals,
+    MergeMethod,
+    TensorFold,
+    TensorUpdate,
+)
 
 # Rows (of the taller orientation) handled per matmul when a result is built in place:
-# bounds the temporaries to a slice of the matrix rather than a second copy of it.
-_ROW_BLOCK = 4096
+# bounds the temporaries to a slice of the matrix rather than a second copy of it; the same
+# blocks as a fold under a memory budget streams, so both write the same bytes.
+_ROW_BLOCK = ROW_BLOCK
 # Below this ratio of smallest to largest singular value, Δ is treated as rank-deficient: the Gram
 # route recovers u_i = Δ v_i / σ_i, which has no meaning for σ_i ≈ 0, so LAPACK's SVD (which
 # completes U to an orthonormal basis) is used instead. Above it the Gram route measured more
@@ -83,6 +93,10 @@ def _gram_eigh(tall: Tensor, *, strict: bool) -> tuple[Tensor, Tensor] | None:
     for start in range(0, m, _ROW_BLOCK):
         block = tall[start : start + _ROW_BLOCK].to(torch.float64)
         gram.addmm_(block.T, block)
+    return _eigh_of_gram(gram, strict=strict)
+
+
+def _eigh_of_gram(gram: Tensor, *, strict: bool) -> tuple[Tensor, Tensor] | None:
     evals, v = torch.linalg.eigh(gram)
     evals, v = evals.flip(0), v.flip(1)  # descending
     s = evals.clamp_min(0).sqrt()
@@ -143,40 +157,64 @@ def project_task_vector(
     (exact because U and V are orthonormal), accumulated in float64.
     """
     wide = delta.shape[0] < delta.shape[1]
-    d, t = (delta.T, task.T) if wide else (delta, task)  # views, m ≥ n
     out = task if inplace else task.clone()
-    found = None
+    d, t = (delta.T, out.T) if wide else (delta, out)  # views, m ≥ n
     if svd_method == "gram" or (svd_method == "auto" and delta.dtype != torch.float64):
-        found = _gram_eigh(d, strict=svd_method == "gram")
-    if found is not None:
-        s64, v64 = found
-        r = split_rank(s64, alpha=alpha)
-        # the n×n products run in the working dtype: V and σ are already float32-exact, and
-        # float64 here cost as much as the whole decomposition on square matrices
-        s, v = s64.to(delta.dtype), v64.to(delta.dtype)
-        x = (v.T @ (d.T @ t)) / s[:, None]  # S⁻¹Vᵀ(Δᵀτ): row i is u_iᵀ τ
-        removed = _removed_block(x, v.T, r)
-        del x
-        kernel = (v / s) @ (removed @ v.T)  # Δ · kernel = U M Vᵀ
-    else:
-        u, s, vh = economy_svd(d, method="svd")
-        r = split_rank(s, alpha=alpha)
-        removed = _removed_block(u.T @ t, vh, r)
-        # an explicit, orthonormal U: Δ may be rank-deficient here, so U ≠ Δ V S⁻¹
-        kernel = None
-        back = removed @ vh  # k×n: M Vᵀ
+        blocks = [(d[start : start + _ROW_BLOCK], t[start : start + _ROW_BLOCK]) for start in range(0, d.shape[0], _ROW_BLOCK)]
+        found = gram_projection(blocks, d.shape[1], alpha=alpha, strict=svd_method == "gram")
+        if found is not None:
+            kernel, r, removed_sq = found
+            for d_block, t_block in blocks:  # rows of the tall orientation: τ̃ = τ − Δ·K
+                t_block -= d_block @ kernel
+            return out, r, removed_sq
+    u, s, vh = economy_svd(d, method="svd")
+    r = split_rank(s, alpha=alpha)
+    removed = _removed_block(u.T @ t, vh, r)
+    # an explicit, orthonormal U: Δ may be rank-deficient here, so U ≠ Δ V S⁻¹
+    back = removed @ vh  # k×n: M Vᵀ
     removed_sq = float(torch.linalg.vector_norm(removed, dtype=torch.float64) ** 2)
-    rows = out.shape[0]
-    for start in range(0, rows, _ROW_BLOCK):
+    for start in range(0, out.shape[0], _ROW_BLOCK):
         block = slice(start, start + _ROW_BLOCK)
-        if kernel is None:
-            # tall: rows of U M Vᵀ; wide: τ̃ᵀ = τᵀ − U M Vᵀ, i.e. τ̃ = τ − (M Vᵀ)ᵀ Uᵀ
-            correction = back.T[block] @ u.T if wide else u[block] @ back
-        else:
-            # tall: rows of Δ·K; wide: τ̃ᵀ = τᵀ − Δᵀ K, i.e. τ̃ = τ − Kᵀ Δ
-            correction = kernel.T[block] @ delta if wide else delta[block] @ kernel
-        out[block] -= correction
+        # tall: rows of U M Vᵀ; wide: τ̃ᵀ = τᵀ − U M Vᵀ, i.e. τ̃ = τ − (M Vᵀ)ᵀ Uᵀ
+        out[block] -= back.T[block] @ u.T if wide else u[block] @ back
     return out, r, removed_sq
+
+
+def gram_projection(
+    blocks: Iterable[tuple[Tensor, Tensor]], n: int, *, alpha: float, strict: bool = False
+) -> tuple[Tensor, int, float] | None:
+    r"""The Gram route's n×n kernel K (τ̃ = τ − Δ·K in the tall orientation), r and ‖M‖², from row blocks.
+
+    ``blocks`` are (Δ rows, τ rows) of the tall orientation (m ≥ n), ``_ROW_BLOCK`` rows each
+    and in order, as views of whole tensors or as blocks read from a file: the same blocks give
+    the same bytes, so a fold that streams a large tensor through memory in blocks writes what the
+    in-memory fold writes. Accumulates :math:`\Delta^	op\Delta` (float64) and :math:`\Delta^	op	au`
+    block by block; only these n×n matrices and the eigendecomposition are ever whole.
+    None when Δ is rank-deficient (and not ``strict``): the caller needs LAPACK's SVD then.
+    """
+    gram = cross = None
+    for d_block, t_block in blocks:
+        if gram is None:
+            gram = torch.zeros((n, n), dtype=torch.float64, device=d_block.device)
+        block = d_block.to(torch.float64)
+        gram.addmm_(block.T, block)
+        del block
+        cross = d_block.T @ t_block if cross is None else cross.addmm_(d_block.T, t_block)
+    found = _eigh_of_gram(gram, strict=strict)
+    del gram  # n×n float64: the largest thing a streamed projection holds
+    if found is None:
+        return None
+    s64, v64 = found
+    r = split_rank(s64, alpha=alpha)
+    # the n×n products run in the working dtype: V and σ are already float32-exact, and
+    # float64 here cost as much as the whole decomposition on square matrices
+    s, v = s64.to(cross.dtype), v64.to(cross.dtype)
+    del found, v64
+    x = (v.T @ cross) / s[:, None]  # S⁻¹Vᵀ(Δᵀτ): row i is u_iᵀ τ
+    removed = _removed_block(x, v.T, r)
+    del x
+    kernel = (v / s) @ (removed @ v.T)  # Δ · kernel = U M Vᵀ
+    return kernel, r, float(torch.linalg.vector_norm(removed, dtype=torch.float64) ** 2)
 
 
 def opcm_update(
@@ -233,6 +271,8 @@ class OPCM(MergeMethod):
     name = "opcm"
     Params = OPCMParams
     State = OPCMState
+    elementwise = True  # t = 1 copies the expert; finish_tensor is D / λ_t + θ₀
+    blocked_update = True
 
     def __init__(self, params: OPCMParams, state: OPCMState | None, t: int) -> None:
         super().__init__(params, state, t)
@@ -267,6 +307,31 @@ class OPCM(MergeMethod):
             self.removed_sq += removed_sq
             self.split_ranks.append(r / min(x.task.shape))
         return update
+
+    def update_tensor_blocked(self, x: BlockedTensorUpdate) -> None:
+        """:meth:`update_tensor` for a tensor streamed in blocks: Gram and Δᵀτ accumulate block by block."""
+        if x.linear:
+            self.linear_expert_sq += x.task_sq
+        if not (x.linear and len(x.shape) == 2 and x.delta_nonzero):
+            for start, delta, task in x.chunks():
+                x.put_chunk(start, task.add_(delta, alpha=self.lambda_prev))
+            return
+        found = None
+        if x.svd_method in ("auto", "gram"):
+            blocks = ((delta, task) for _, delta, task in x.tall_blocks())
+            found = gram_projection(blocks, min(x.shape), alpha=self.params.alpha, strict=x.svd_method == "gram")
+        if found is None:
+            raise MemoryBudgetExceeded(
+                f"tensor {x.name!r} ({x.shape[0]}x{x.shape[1]}) is larger than the fold's memory budget and its "
+                "update Δ is rank-deficient or float64, which needs LAPACK's SVD of the whole tensor: raise "
+                "MERGELINE_FOLD_MEMORY_BYTES to fit it", tensor=x.name,
+            )
+        kernel, r, removed_sq = found
+        for start, delta, task in x.tall_blocks():
+            task -= delta @ kernel
+            x.put_rows(start, task.add_(delta, alpha=self.lambda_prev))
+        self.removed_sq += removed_sq
+        self.split_ranks.append(r / min(x.shape))
 
     def global_step(self, totals: FoldTotals) -> None:
         mean_norm = sum(totals.expert_norms) / len(totals.expert_norms)

@@ -34,6 +34,7 @@ class TaskArithmetic(MergeMethod):
     """Task arithmetic as a one-pass fold: :func:`task_arithmetic_fold` on every floating tensor."""
 
     name = "task_arithmetic"
+    elementwise = True
     Params = TaskArithmeticParams
 
     def fold_tensor(self, x: TensorFold) -> Tensor:

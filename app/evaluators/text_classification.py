@@ -1,0 +1,260 @@
+"""The text-classification evaluator: accuracy of a merged MiniLM/BERT encoder on each task's validation split.
+
+A plugin of the ``mergeline.evaluators`` entry-point group (name ``text-classification``)::
+
+    evaluate(model_dir, *, device="cpu", params={"bundle": "/path/tasks.safetensors"}) -> {"<task>": acc, ..., "mean": acc}
+
+``params``: ``bundle`` (required), ``threads`` (torch CPU threads for this process), ``attention_heads``
+(for a whole encoder without a config.json beside it; default 12, MiniLM's).
+
+``model_dir`` is what a version downloads as: a Hugging Face model folder (``*.safetensors`` shards
+beside ``config.json``) or a single ``.safetensors`` file. The **bundle** holds everything else the
+measurement needs and is written by the benchmark (:func:`save_bundle`): per task a frozen linear
+head (``<task>.head.weight`` / ``.bias``), the validation token ids (flat, with per-example lengths)
+and labels, and — for checkpoints that hold only the fine-tuned top of the encoder — the base
+encoder's hidden states where that top begins.
+
+Two checkpoint shapes are understood:
+
+- a whole BERT encoder (``embeddings.*`` and every ``encoder.layer.N.*``): the tokens are run through it;
+- only the last layer's feed-forward block (``encoder.layer.L.intermediate.*`` and ``.output.*``),
+  which is what the MiniLM benchmark fine-tunes: the bundle's cached inputs of that block
+  (the base's attention output of layer L, per token) are run through it.
+
+The forward is BERT's (post-LayerNorm blocks, exact-erf GELU), followed by sentence-transformers'
+mean pooling over the real tokens and L2 normalisation — all-MiniLM-L6-v2's sentence embedding.
+``tests/evaluators`` checks it against ``transformers.BertModel``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from torch.nn import functional as F
+
+LAYER_NORM_EPS = 1e-12
+FFN_PARTS = ("intermediate.dense.weight", "intermediate.dense.bias", "output.dense.weight", "output.dense.bias",
+             "output.LayerNorm.weight", "output.LayerNorm.bias")
+
+
+class EvaluatorInputError(ValueError):
+    """The model or the bundle is not something this evaluator can measure (the message says why)."""
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """One task's frozen head and examples: token ids flat (int64) with per-example lengths, and labels."""
+
+    head_weight: Tensor
+    head_bias: Tensor
+    ids: Tensor
+    lengths: Tensor
+    labels: Tensor
+    # The base encoder's per-token input to the top block (flat, one row per token), when the bundle caches it.
+    cached: Tensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------- the encoder
+
+
+def ffn_keys(layer: int) -> list[str]:
+    return [f"encoder.layer.{layer}.{part}" for part in FFN_PARTS]
+
+
+def num_layers(state: Mapping[str, Tensor]) -> int:
+    layers = {int(k.split(".")[2]) for k in state if k.startswith("encoder.layer.")}
+    return max(layers) + 1 if layers else 0
+
+
+def feed_forward(a: Tensor, state: Mapping[str, Tensor], layer: int) -> Tensor:
+    """BERT's feed-forward half of a layer, per token: LayerNorm(a + W₂ gelu(W₁ a + b₁) + b₂)."""
+    p = f"encoder.layer.{layer}."
+    hidden = F.gelu(F.linear(a, state[p + "intermediate.dense.weight"], state[p + "intermediate.dense.bias"]))
+    out = F.linear(hidden, state[p + "output.dense.weight"], state[p + "output.dense.bias"])
+    return F.layer_norm(out + a, (a.shape[-1],), state[p + "output.LayerNorm.weight"], state[p + "output.LayerNorm.bias"],
+                        LAYER_NORM_EPS)
+
+
+def attention(x: Tensor, mask: Tensor, state: Mapping[str, Tensor], layer: int, heads: int) -> Tensor:
+    """BERT's self-attention half of a layer on padded (B, T, D) with a (B, T) mask: LayerNorm(x + attn(x))."""
+    p = f"encoder.layer.{layer}.attention."
+    b, t, d = x.shape
+    shape = (b, t, heads, d // heads)
+    q, k, v = (F.linear(x, state[f"{p}self.{n}.weight"], state[f"{p}self.{n}.bias"]).view(shape).transpose(1, 2)
+               for n in ("query", "key", "value"))
+    bias = torch.zeros(b, 1, 1, t, dtype=x.dtype, device=x.device).masked_fill(~mask[:, None, None, :], float("-inf"))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).reshape(b, t, d)
+    y = F.linear(y, state[p + "output.dense.weight"], state[p + "output.dense.bias"])
+    return F.layer_norm(y + x, (d,), state[p + "output.LayerNorm.weight"], state[p + "output.LayerNorm.bias"], LAYER_NORM_EPS)
+
+
+def embed(ids: Tensor, state: Mapping[str, Tensor]) -> Tensor:
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    x = (state["embeddings.word_embeddings.weight"][ids] + state["embeddings.position_embeddings.weight"][positions]
+         + state["embeddings.token_type_embeddings.weight"][0])
+    return F.layer_norm(x, (x.shape[-1],), state["embeddings.LayerNorm.weight"], state["embeddings.LayerNorm.bias"],
+                        LAYER_NORM_EPS)
+
+
+def pad(ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """Flat token ids and lengths → padded (B, T) ids and the (B, T) mask of real tokens."""
+    t = int(lengths.max())
+    mask = torch.arange(t)[None, :] < lengths[:, None]
+    padded = torch.zeros(len(lengths), t, dtype=ids.dtype)
+    padded[mask] = ids
+    return padded, mask
+
+
+def top_inputs(ids: Tensor, lengths: Tensor, state: Mapping[str, Tensor], heads: int) -> Tensor:
+    """Every layer up to the last one's attention: the per-token input of the last feed-forward block, flat."""
+    padded, mask = pad(ids, lengths)
+    x = embed(padded, state)
+    last = num_layers(state) - 1
+    for layer in range(last):
+        x = feed_forward(attention(x, mask, state, layer, heads), state, layer)
+    return attention(x, mask, state, last, heads)[mask]
+
+
+def pool(tokens: Tensor, lengths: Tensor) -> Tensor:
+    """Mean over each example's tokens (flat rows, grouped by ``lengths``), then L2-normalised."""
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=tokens.device), lengths.to(tokens.device))
+    sums = torch.zeros(len(lengths), tokens.shape[1], dtype=tokens.dtype, device=tokens.device).index_add_(0, segment, tokens)
+    return F.normalize(sums / lengths.to(tokens)[:, None], dim=1)
+
+
+def sentence_embeddings(ids: Tensor, lengths: Tensor, state: Mapping[str, Tensor], heads: int, batch: int = 256) -> Tensor:
+    """all-MiniLM-L6-v2's sentence embeddings of flat token ids, in batches of ``batch`` examples."""
+    last = num_layers(state) - 1
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    out = []
+    for i in range(0, len(lengths), batch):
+        chunk = lengths[i : i + batch]
+        a = top_inputs(ids[starts[i] : starts[i + len(chunk)]], chunk, state, heads)
+        out.append(pool(feed_forward(a, state, last), chunk))
+    return torch.cat(out)
+
+
+def top_embeddings(cached: Tensor, lengths: Tensor, state: Mapping[str, Tensor], layer: int, batch: int = 512) -> Tensor:
+    """Sentence embeddings from the cached inputs of the last feed-forward block (flat tokens) and its weights."""
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    out = []
+    for i in range(0, len(lengths), batch):
+        chunk = lengths[i : i + batch]
+        a = cached[starts[i] : starts[i + len(chunk)]].to(torch.float32)
+        out.append(pool(feed_forward(a, state, layer), chunk))
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------- the bundle
+
+
+def save_bundle(path: Path, tasks: Mapping[str, TaskData], *, top_layer: int | None = None) -> Path:
+    """Write the evaluator's bundle: heads, validation tokens and labels per task (and the cached top inputs)."""
+    tensors: dict[str, Tensor] = {}
+    for name, task in tasks.items():
+        tensors[f"{name}.head.weight"] = task.head_weight.contiguous()
+        tensors[f"{name}.head.bias"] = task.head_bias.contiguous()
+        tensors[f"{name}.ids"] = task.ids.to(torch.int32).contiguous()
+        tensors[f"{name}.lengths"] = task.lengths.to(torch.int32).contiguous()
+        tensors[f"{name}.labels"] = task.labels.to(torch.int32).contiguous()
+        if task.cached is not None:
+            tensors[f"{name}.cached"] = task.cached.to(torch.float16).contiguous()
+    meta = {"tasks": json.dumps(list(tasks)), "top_layer": json.dumps(top_layer)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def load_bundle(path: Path) -> tuple[dict[str, TaskData], int | None]:
+    if not path.is_file():
+        raise EvaluatorInputError(f"the evaluator's bundle {str(path)!r} does not exist")
+    with safe_open(str(path), "pt") as handle:
+        meta = handle.metadata() or {}
+    try:
+        names = json.loads(meta["tasks"])
+        top_layer = json.loads(meta.get("top_layer", "null"))
+    except (KeyError, ValueError):
+        raise EvaluatorInputError(f"{str(path)!r} is not a text-classification bundle (no task list in its metadata)") from None
+    tensors = load_file(str(path))
+    tasks = {}
+    for name in names:
+        tasks[name] = TaskData(
+            head_weight=tensors[f"{name}.head.weight"].to(torch.float32),
+            head_bias=tensors[f"{name}.head.bias"].to(torch.float32),
+            ids=tensors[f"{name}.ids"].to(torch.long),
+            lengths=tensors[f"{name}.lengths"].to(torch.long),
+            labels=tensors[f"{name}.labels"].to(torch.long),
+            cached=tensors.get(f"{name}.cached"),
+        )
+    return tasks, top_layer
+
+
+# ---------------------------------------------------------------------------------------------- the plugin
+
+
+def attention_heads(model: Path, params: Mapping[str, Any]) -> int:
+    """The number of attention heads: params.attention_heads, else the model folder's config.json, else MiniLM's 12."""
+    if "attention_heads" in params:
+        return int(params["attention_heads"])
+    config = model / "config.json" if model.is_dir() else model.parent / "config.json"
+    if config.is_file():
+        try:
+            return int(json.loads(config.read_text())["num_attention_heads"])
+        except (KeyError, ValueError, TypeError):
+            raise EvaluatorInputError(f"{str(config)!r} has no usable num_attention_heads") from None
+    return 12
+
+
+def load_checkpoint(model: Path) -> dict[str, Tensor]:
+    """Every tensor of a .safetensors file, or of all the .safetensors shards of a model folder, in float32."""
+    files = [model] if model.is_file() else sorted(model.glob("*.safetensors")) if model.is_dir() else []
+    if not files:
+        raise EvaluatorInputError(f"{str(model)!r} is neither a .safetensors file nor a folder holding one")
+    state: dict[str, Tensor] = {}
+    for file in files:
+        state.update({k: v.to(torch.float32) for k, v in load_file(str(file)).items()})
+    return {k.removeprefix("bert."): v for k, v in state.items()}
+
+
+def task_accuracy(features: Tensor, task: TaskData) -> float:
+    logits = F.linear(features, task.head_weight.to(features), task.head_bias.to(features))
+    return float((logits.argmax(dim=1).cpu() == task.labels).float().mean())
+
+
+@torch.no_grad()
+def evaluate(model_dir: Path | str, *, device: str = "cpu", params: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """Validation accuracy of the checkpoint on every task of ``params["bundle"]``, and their mean."""
+    params = dict(params or {})
+    if "bundle" not in params:
+        raise EvaluatorInputError("text-classification needs params.bundle: the path of the tasks bundle to evaluate on")
+    if "threads" in params:  # the plugin runs in its own process; on a shared machine 1 thread is much faster
+        torch.set_num_threads(int(params["threads"]))
+    tasks, top_layer = load_bundle(Path(params["bundle"]))
+    state = load_checkpoint(Path(model_dir))
+    state = {k: v.to(device) for k, v in state.items()}
+    whole = "embeddings.word_embeddings.weight" in state
+    results: dict[str, float] = {}
+    for name, task in tasks.items():
+        if whole:
+            features = sentence_embeddings(task.ids.to(device), task.lengths.to(device), state,
+                                           attention_heads(Path(model_dir), params))
+        else:
+            if top_layer is None or task.cached is None or any(k not in state for k in ffn_keys(top_layer)):
+                raise EvaluatorInputError(
+                    "the checkpoint is not a whole BERT encoder, and the bundle has no cached inputs for its "
+                    f"top block (it needs {', '.join(ffn_keys(top_layer or 0)[:2])}, ...)")
+            features = top_embeddings(task.cached.to(device), task.lengths.to(device), state, top_layer)
+        results[name] = task_accuracy(features, task)
+    if not results:
+        raise EvaluatorInputError("the bundle has no tasks")
+    results["mean"] = math.fsum(results.values()) / len(results)
+    return results

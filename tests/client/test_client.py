@@ -125,7 +125,7 @@ def test_pull_continues_a_partial_file_and_refuses_a_wrong_one(api, tmp_path: Pa
     stream_id = api.new_stream()
     base_path = tmp_path / "base.safetensors"
     whole = base_path.read_bytes()
-    name = f"{stream_id}-v0.safetensors"
+    name = c.version_files(stream_id, 0)[0].path  # a single-file version is listed as one file
     dest = tmp_path / "out"
     (dest / PARTIAL_DIR).mkdir(parents=True)
     half = len(whole) // 2

@@ -79,7 +79,7 @@ def run_cli_flow(url: str, work: Path, token: str | None, *, everything: bool = 
     pulled = cli.run("pull", stream_id, "3", str(out))
     assert "sha256 checked" in pulled.stdout
     files = sorted(p for p in out.rglob("*") if p.is_file())
-    assert [p.name for p in files] == [f"{stream_id}-v3.safetensors"]
+    assert [p.name for p in files] == ["model.safetensors"]  # a single-file version is listed as one model.safetensors
     reference = offline_merge("opcm", {"alpha": 0.5}, base_path, experts, work)
     assert max_relative_error(files[0], reference) <= 1e-6
     if not everything:
@@ -93,7 +93,7 @@ def run_cli_flow(url: str, work: Path, token: str | None, *, everything: bool = 
     assert stream_id in cli.run("streams").stdout
     assert cli.run("watch", stream_id).returncode == 0  # default: the newest version
     cli.run("pull", stream_id, str(work / "latest"))
-    assert sha(work / "latest" / f"{stream_id}-v3.safetensors") == sha(files[0])  # `pull STREAM DIR` is the latest
+    assert sha(work / "latest" / "model.safetensors") == sha(files[0])  # `pull STREAM DIR` is the latest
 
     # Errors are one line and a non-zero exit, never a traceback.
     if token:
@@ -150,7 +150,7 @@ def test_pull_killed_halfway_continues_and_checks_sha256(tmp_path: Path, embedde
     cli.run("watch", stream_id, "1")
 
     out = tmp_path / "out"
-    partial = out / ".mergeline-partial" / f"{stream_id}-v1.safetensors"
+    partial = out / ".mergeline-partial" / "model.safetensors"
     slow = cli.popen("pull", stream_id, "1", str(out), "--limit-rate", "4M")
     try:
         wait_until(lambda: partial.is_file() and partial.stat().st_size > 4 * 1024 * 1024, 60, 0.05, "half of the download")
@@ -166,7 +166,7 @@ def test_pull_killed_halfway_continues_and_checks_sha256(tmp_path: Path, embedde
     done = cli.run("pull", stream_id, "1", str(out))
     assert f"({total - had} of {total} bytes downloaded this time)" in done.stdout, done.stdout
     assert time.monotonic() - started < 120
-    final = out / f"{stream_id}-v1.safetensors"
+    final = out / "model.safetensors"
     version = cli.run("versions", stream_id).stdout
     assert sha(final)[:12] in version and not partial.exists()
 

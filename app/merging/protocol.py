@@ -19,15 +19,29 @@ method that draws random numbers (DARE) writes the same bytes when a fold is red
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from app.merging.errors import InvalidState
+
+
+def _compiles(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a valid regular expression: {exc}") from None
+    return value
+
+
+# A parameter that is a regular expression (matched with re.search on tensor names): refused with
+# a sentence when it does not compile.
+Regex = Annotated[str, AfterValidator(_compiles)]
 
 
 def tensor_seed(seed_context: str, expert_sha256: str, name: str) -> int:

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from collections.abc import Iterator
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from app.merging.protocol import MergeMethod, TensorFold
+from app.merging.protocol import MergeMethod, Regex, TensorFold
 
 
 class DOPParams(BaseModel):
@@ -30,19 +29,9 @@ class DOPParams(BaseModel):
     svd_epsilon: float = Field(0.99999, ge=0.0, le=1.0, allow_inf_nan=False,
                                description="share of singular-value mass whose directions each loss protects")
     svd_proj_space: Literal["u", "v", "uv"] = Field("uv", description="project onto left (u), right (v) or both (uv)")
-    embedding_pattern: str | None = Field(
+    embedding_pattern: Regex | None = Field(
         None, description="regex (re.search on the tensor name) for 2-D tensors that are averaged, not optimised"
     )
-
-    @field_validator("embedding_pattern")
-    @classmethod
-    def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
-        return value
 
 
 def _principal(task: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-from app.merging.protocol import MergeMethod, TensorFold
+from app.merging.protocol import MergeMethod, Regex, TensorFold
 
 
 class IsoCParams(BaseModel):
@@ -18,19 +16,9 @@ class IsoCParams(BaseModel):
 
     scale: float = Field(1.0, gt=0.0, le=10.0, allow_inf_nan=False,
                          description="scale applied to the merged task vector (FusionBench's scaling_factor)")
-    embedding_pattern: str | None = Field(
+    embedding_pattern: Regex | None = Field(
         None, description="regex (re.search on the tensor name) for 2-D tensors merged by their mean, not isotropically"
     )
-
-    @field_validator("embedding_pattern")
-    @classmethod
-    def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
-        return value
 
 
 def isotropic(total: Tensor) -> Tensor:

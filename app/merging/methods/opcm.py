@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from app.merging.errors import InvalidState, MemoryBudgetExceeded, NonFiniteTensor
@@ -18,6 +17,7 @@ from app.merging.protocol import (
     FoldState,
     FoldTotals,
     MergeMethod,
+    Regex,
     TensorFold,
     TensorUpdate,
 )
@@ -40,19 +40,9 @@ class OPCMParams(BaseModel):
 
     alpha: float = Field(0.5, ge=0.0, lt=1.0, allow_inf_nan=False,
                          description="split point r = first k with cumsum(σ)_k / sum(σ) > alpha, in [0, 1)")
-    embedding_pattern: str | None = Field(
+    embedding_pattern: Regex | None = Field(
         None, description="regex (re.search on the tensor name) for 2-D tensors that are not projected"
     )
-
-    @field_validator("embedding_pattern")
-    @classmethod
-    def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"not a valid regular expression: {exc}") from None
-        return value
 
 
 def split_rank(singular_values: Tensor, *, alpha: float) -> int:

@@ -23,7 +23,7 @@ Two checkpoint shapes are understood:
 
 The forward is BERT's (post-LayerNorm blocks, exact-erf GELU), followed by sentence-transformers'
 mean pooling over the real tokens and L2 normalisation — all-MiniLM-L6-v2's sentence embedding.
-``tests/evaluators`` checks it against ``transformers.BertModel``.
+``tests/plugins`` checks it against ``transformers.BertModel``.
 """
 
 from __future__ import annotations

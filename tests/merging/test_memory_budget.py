@@ -193,9 +193,10 @@ def test_a_checkpoint_twice_the_memory_limit_folds_under_it_and_equals_the_unlim
     under a 320 MiB limit (torch's import alone takes ~230 MB of it) with a 64 MiB budget.
     bench/out_of_core.py runs the issue's size (18 x 4096x8192 fp32, 2.4 GB, under 1 GiB).
     """
-    if not (os.environ.get("CI") or os.environ.get("MERGELINE_TEST_FULL")):
-        pytest.skip("CI=true or MERGELINE_TEST_FULL=1 runs it: ~3 GB of generated files and two folds of 671 MB "
-                    "(measured 9 min each under load average 12 on the shared 2-core machine)")
+    if os.environ.get("MERGELINE_TEST_FULL", "") in ("", "0", "false", "no"):
+        pytest.skip("MERGELINE_TEST_FULL=1 runs it: ~3 GB of generated files and two folds of 671 MB "
+                    "(measured 9 min each under load average 12 on the shared 2-core machine); "
+                    "bench/results/out_of_core.json holds its measurement")
     why_not = _cgroup_skip()
     if why_not:
         pytest.skip(why_not)

@@ -34,7 +34,7 @@ from app.merging import fold_checkpoint, validate_params
 from app.merging.engine import default_aux_path
 from app.merging.registry import METHODS
 from bench.quality import minilm as M
-from bench.quality.folds import MethodConfig
+from bench.quality.folds import MethodConfig, task_vector_geometry
 from bench.quality.text_data import DEFAULT_CACHE, fingerprint, load_tasks
 
 TASKS = ("bbc_topic", "movie_sentiment", "tweet_sentiment", "product_sentiment", "noun_supersense",
@@ -177,26 +177,8 @@ def prepare_seed(config: MiniLMConfig, seed: int, splits: dict[str, dict[str, M.
         r = record["tasks"][name]
         _log(f"seed {seed}: {name:<18} probe {r['probe']['test']:.3f}  expert {r['expert']['test']:.3f}  "
              f"(train {r['expert']['train']:.3f}; {r['seconds']:.0f}s)")
-    record["geometry"] = geometry(base, experts)
+    record["geometry"] = task_vector_geometry(base, experts)
     return Prepared(base, experts, heads, splits, record, probe_correct, expert_correct)
-
-
-def geometry(base: Path, experts: Mapping[str, Path]) -> dict[str, Any]:
-    """Norms of the base's fine-tuned tensors and of every task vector, and every pairwise cosine (float64)."""
-    theta0 = load_file(str(base))
-    vectors = {}
-    for name, path in experts.items():
-        expert = load_file(str(path))
-        vectors[name] = torch.cat([(expert[k].double() - theta0[k].double()).reshape(-1) for k in sorted(theta0)])
-    names = list(vectors)
-    stacked = torch.stack([vectors[n] for n in names])
-    norms = stacked.norm(dim=1)
-    cosine = (stacked @ stacked.T) / torch.outer(norms, norms)
-    return {
-        "base_norm": float(torch.cat([t.double().reshape(-1) for t in theta0.values()]).norm()),
-        "task_norms": {n: float(v) for n, v in zip(names, norms, strict=True)},
-        "cosine": {a: {b: float(cosine[i, j]) for j, b in enumerate(names)} for i, a in enumerate(names)},
-    }
 
 
 def evaluate_top(top: Mapping[str, torch.Tensor], prepared: Prepared, names: Sequence[str], curve_test: int,

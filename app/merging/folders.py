@@ -549,13 +549,7 @@ class VersionWriter:
         self.files = folder_files(self.tmp)
         self.sha256 = folder_sha256([(p, sha) for p, _, sha in self.files])
         self.size = sum(size for _, size, _ in self.files)
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{secrets.token_hex(4)}"
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        stio.replace_into_place(self.tmp, self.out)
 
 
 __all__ = [

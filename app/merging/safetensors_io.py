@@ -665,13 +665,7 @@ class CheckpointWriter:
             os.fsync(f.fileno())
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.size = len(data) + sum(w.size for w in self._writers.values())
-        old = None
-        if self.out.exists():
-            old = self.out.parent / f".{self.out.name}.old-{secrets.token_hex(4)}"
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        replace_into_place(self.tmp, self.out)
 
     def _abort(self) -> None:
         for writer in self._writers.values():
@@ -690,3 +684,14 @@ class CheckpointWriter:
                 self._abort()
                 raise
         self._abort()
+
+
+def replace_into_place(tmp: Path, out: Path) -> None:
+    """Move a finished file or folder ``tmp`` to ``out``, replacing whatever was there."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)

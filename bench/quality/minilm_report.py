@@ -94,7 +94,8 @@ def summarize(results: dict[str, Any], methods: Sequence[MethodConfig],
             "backward_transfer": _stats(bwt),
             "per_task_final_test": {n: _stats([f["accuracy"][n]["test_full"] for f in finals]) for n in tasks},
             "curve_test": [_stats([r["folds"][t]["average"]["test"] for r in runs]) for t in range(steps)],
-            "curve_val": [_stats([r["folds"][t]["average"]["val"] for r in runs]) for t in range(steps)],
+            "curve_val": [_stats([r["folds"][t]["average"]["val"] for r in runs]) for t in range(steps)
+                          if all("val" in r["folds"][t]["average"] for r in runs)],
             "fold_metrics": {k: [_stats([r["folds"][t]["metrics"][k] for r in runs if k in r["folds"][t]["metrics"]])
                                  for t in range(steps) if any(k in r["folds"][t]["metrics"] for r in runs)]
                              for k in metric_keys},
@@ -197,7 +198,8 @@ def markdown(results: dict[str, Any]) -> str:
          f"{results['encode_seconds'] / 60:.1f} min of it tokenizing and running the frozen layers"
          f"{', from the feature cache' if results.get('feature_cache_hits') else ''}); 1-min load average "
          f"{load.get('mean_1min', float('nan')):.2f} on average over the run (start {load.get('at_start', [float('nan')])[0]:.2f}, "
-         f"end {load.get('at_end', [float('nan')])[0]:.2f})."),
+         f"end {load.get('at_end', [float('nan')])[0]:.2f}); CPU time of the run and its processes "
+         f"{results.get('cpu_seconds', {}).get('total', float('nan')) / 60:.1f} min."),
         "",
         (f"Probe → expert gap: **{100 * gap.get('expert_minus_probe', float('nan')):.1f} points** averaged over tasks and seeds "
          "(per task in the per-task table)."),

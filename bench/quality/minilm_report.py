@@ -194,7 +194,8 @@ def markdown(results: dict[str, Any]) -> str:
          f"{config['finetune_lr']:g} under each task's frozen probe head, ≤{config['max_tokens']} tokens per text, "
          f"matrix products in {config.get('compute_dtype', 'float32')}. "
          f"Wall time **{results['wall_seconds'] / 60:.1f} min** on {results['environment'].get('cpu_count', '?')} CPU cores "
-         f"({config.get('workers', 1)} worker processes of {config['threads']} torch thread; "
+         f"({config.get('workers', 1)} worker processes of {config['threads']} torch thread"
+         f"{', under the shared bench lock' if results['environment'].get('bench_lock_held') else ''}; "
          f"{results['encode_seconds'] / 60:.1f} min of it tokenizing and running the frozen layers"
          f"{', from the feature cache' if results.get('feature_cache_hits') else ''}); 1-min load average "
          f"{load.get('mean_1min', float('nan')):.2f} on average over the run (start {load.get('at_start', [float('nan')])[0]:.2f}, "
@@ -388,9 +389,38 @@ def plot_lambda(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_champion(results: dict[str, Any], path: Path) -> None:
+    """@champion's test accuracy after each fold against each candidate's and the best one in hindsight (mean over runs)."""
+    rounds = [r for record in results["champion"] for r in record["rounds"]]
+    candidates = results["champion"][0]["candidates"]
+    runs = {(record["seed"], r["order"]) for record in results["champion"] for r in record["rounds"]}
+    steps = max(r["fold"] for r in rounds)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    x = list(range(1, steps + 1))
+    for label in candidates:
+        curve = [statistics.fmean(run["folds"][t - 1]["average"]["test"] for run in results["runs"]
+                                  if run["label"] == label and (run["seed"], run["order"]) in runs) for t in x]
+        ax.plot(x, curve, linestyle="--", marker="o", markersize=3, label=f"candidate {label}",
+                color=_COLORS.get(label.split(" ")[0], "grey"))
+    ax.plot(x, [statistics.fmean(r["best_test"] for r in rounds if r["fold"] == t) for t in x], color="black",
+            linestyle=":", label="best candidate in hindsight")
+    ax.plot(x, [statistics.fmean(r["champion_test"] for r in rounds if r["fold"] == t) for t in x], color="black",
+            marker="s", label="@champion (through mergeline serve)")
+    ax.set_xlabel("experts merged")
+    ax.set_ylabel(f"average test accuracy, tasks so far (first {results['config']['curve_test']} per task)")
+    ax.set_title(f"@champion vs its candidates (mean over {len(runs)} runs)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write(results: dict[str, Any], out: Path, name: str) -> None:
     table = markdown(results)
     (out / f"{name}.md").write_text(table)
     plot_accuracy(results, out / f"{name}_accuracy.png")
     plot_lambda(results, out / f"{name}_lambda.png")
+    if results.get("champion"):
+        plot_champion(results, out / f"{name}_champion.png")
     print(table)

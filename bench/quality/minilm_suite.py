@@ -16,6 +16,7 @@ is in ``bench/quality/minilm.py``.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import multiprocessing
 import os
@@ -362,6 +363,22 @@ def task_orders(tasks: Sequence[str], count: int) -> list[list[str]]:
     return orders(tuple(tasks), count)
 
 
+BENCH_LOCK = Path("/tmp/mergeline-bench.lock")
+
+
+def bench_lock_held(path: Path = BENCH_LOCK) -> bool:
+    """Whether the shared benchmark lock is held (by ``flock`` around this run, as README's command takes it)."""
+    if not path.exists():
+        return False
+    with path.open("rb") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
+
 def cpu_seconds() -> dict[str, float]:
     """User + system CPU time of this process and of every finished descendant it waited for (workers, the
     service and its plugin processes): what the run cost, whatever else shared the cores."""
@@ -429,7 +446,8 @@ def run(config: MiniLMConfig, out: Path, *, name: str = "quality_minilm", workdi
             },
             "environment": {"python": platform.python_version(), "torch": torch.__version__,
                             "machine": platform.machine(), "processor": platform.processor(),
-                            "cpu_count": os.cpu_count(), "argv": sys.argv},
+                            "cpu_count": os.cpu_count(), "argv": sys.argv,
+                            "bench_lock_held": bench_lock_held()},
             "encode_seconds": time.perf_counter() - started,
             "feature_cache_hits": sum(1 for p in (feature_cache.glob("*.safetensors") if feature_cache else [])
                                       if p.name in cached_before),
@@ -463,16 +481,26 @@ def run(config: MiniLMConfig, out: Path, *, name: str = "quality_minilm", workdi
                 results["runs"].append({"seed": seed, **run_record})
             prepared.record["streams_seconds"] = time.perf_counter() - t0
         results["offline_seconds"] = time.perf_counter() - started
+        failures = []
         for measurer in measurers:
-            record = measurer.finish({(r["label"], r["order"]): r["folds"] for r in results["runs"]
-                                      if r["seed"] == measurer.seed})
+            try:
+                record = measurer.finish({(r["label"], r["order"]): r["folds"] for r in results["runs"]
+                                          if r["seed"] == measurer.seed})
+            except RuntimeError as exc:  # the offline results are still written, then the run fails
+                failures.append(str(exc))
+                _log(str(exc))
+                continue
             results.setdefault("champion", []).append(record)
             _log(f"seed {record['seed']}: @champion worst shortfall {100 * max(record['shortfalls']):.2f} points, "
                  f"mean {100 * statistics.fmean(record['shortfalls']):.2f} ({record['seconds']:.0f}s)")
+        if failures:
+            results["champion_failures"] = failures
     results["load_average"] = {"at_start": list(load_at_start), "at_end": list(os.getloadavg()),
                                "samples_1min": load.samples, "mean_1min": statistics.fmean(load.samples)}
     results["cpu_seconds"] = cpu_seconds()
     _write(results, config, correctness, bounds, out, name, started)
+    if results.get("champion_failures"):
+        raise RuntimeError("the @champion measurement failed: " + "; ".join(results["champion_failures"]))
     return results
 
 

@@ -73,10 +73,6 @@ class TaskData:
 # ---------------------------------------------------------------------------------------------- the encoder
 
 
-def ffn_keys(layer: int) -> list[str]:
-    return [f"encoder.layer.{layer}.{part}" for part in FFN_PARTS]
-
-
 def layer_keys(layer: int) -> list[str]:
     """Every tensor of one whole BERT layer: its self-attention half, then its feed-forward half."""
     return [f"encoder.layer.{layer}.{part}" for part in ATTENTION_PARTS + FFN_PARTS]

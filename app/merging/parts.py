@@ -414,7 +414,8 @@ def run_part(
                                previous is not None, aux_file=False)
     only = frozenset(part.names)
     numel = sum(base.tensors[n].numel for n in part.names if base.tensors[n].is_floating)
-    tracker = engine._Progress(progress, {phase: 1.0}, {phase: numel})
+    unit = {"fold": "fold", "update": "pass1", "write": "pass2"}[phase]  # the engine's names for its passes
+    tracker = engine._Progress(progress, {unit: 1.0}, {unit: numel})
     totals = engine._Totals(*(_Terms() for _ in _TOTALS))
     sink = None
     if phase != "update":

@@ -40,8 +40,16 @@ from app.models import FoldPartStatus, VersionStatus
 from app.repositories import fold_parts as parts_repo
 from app.repositories import versions as versions_repo
 from app.services import checkpoints
-from app.services.folds import FoldContext, TransientFoldError, _fail, _FoldInputs, _is_transient, _read_inputs
-from app.services.folds import _send_next, record_succeeded
+from app.services.folds import (
+    FoldContext,
+    TransientFoldError,
+    _fail,
+    _FoldInputs,
+    _is_transient,
+    _read_inputs,
+    _send_next,
+    record_succeeded,
+)
 from app.storage import ObjectNotFound, base_key, version_key
 
 log = logging.getLogger(__name__)
@@ -284,7 +292,8 @@ def run_part(ctx: FoldContext, version_id: str, owner: str, phase: str, index: i
         update = None
         if update_key is not None:
             name = update_key.rsplit("/", 1)[-1]
-            update = ReaderCheckpoint(checkpoints._StoreReader(ctx.store, {name: update_key}, {name: ctx.store.size(update_key)}), [name])
+            reader = checkpoints._StoreReader(ctx.store, {name: update_key}, {name: ctx.store.size(update_key)})
+            update = ReaderCheckpoint(reader, [name])
         result = fold_part(fold.setup, plan[index], phase, fold.base, fold.previous, fold.expert, scratch / "out",
                            update=update, outcome=outcome, device=ctx.settings.device,
                            progress=_pacing(ctx, heartbeat))
@@ -368,8 +377,16 @@ def finish(ctx: FoldContext, version_id: str, owner: str) -> str:
     with ctx.db.session() as session:
         version = _holds(session, version_id, owner)
         if version is None:
-            return "superseded"
-        started = version.started_at
+            done = versions_repo.get(session, version_id)
+            if done is None or done.status != VersionStatus.succeeded:
+                return "superseded"
+            stream_id, number = done.stream_id, done.number
+        else:
+            started = version.started_at
+    if version is None:  # a re-delivered finish whose worker died between the flip and the cleanup
+        _clean_scratch(ctx, stream_id, number)
+        return "already_succeeded"
+    with ctx.db.session() as session:
         output = "write" if parts_repo.of_version(session, version_id, "write") else "fold"
         written = _done_rows(session, version_id, output)
         first = _done_rows(session, version_id, "update") if output == "write" else written

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_shards import new_sharded_stream, shard_inputs, single_worker_chain
+from tests.e2e.test_shards import expect_exact_objects_soon, new_sharded_stream, shard_inputs, single_worker_chain
 from tests.faults.conftest import FULL, record, size, wait_for_status, wait_until
 
 PART_SECONDS = 3.0  # every part is paced to this, so there is a "mid-part" to hit
@@ -61,7 +61,7 @@ def test_worker_killed_mid_part_is_redone_once_with_identical_bytes(
             # a phase chosen at random: an update part (before the reduction) or a write part (after it)
             phase = rng.choice(["update", "write"])
 
-            def running_part() -> dict | None:
+            def running_part(version_id: str = version_id, phase: str = phase) -> dict | None:
                 rows = c.sql("SELECT phase, index, lease_owner FROM fold_parts WHERE version_id = :v AND "
                              "status = 'running' AND phase = :p", v=version_id, p=phase)
                 return rows[0] if rows else None
@@ -84,7 +84,7 @@ def test_worker_killed_mid_part_is_redone_once_with_identical_bytes(
                             "version_attempts": done["attempts"]})  # fmt: skip
             rows_n = [v for v in c.versions(sid) if v["number"] == n]
             assert len(rows_n) == 1
-            c.expect_exact_objects(sid)
+            expect_exact_objects_soon(c, sid)
             spawn()  # back to three workers for the next trial
 
     recovery = [f["recovered_s"] for f in figures]

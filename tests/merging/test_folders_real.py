@@ -148,3 +148,28 @@ def test_every_method_folds_an_adapter_as_its_merged_model(ckpts, tmp_path, meth
         if version >= 2:
             moved = task_relative_error(references[version - 2], reference, ckpts.base_sd)
             assert moved > 1e-3, "the adapter changed nothing: the comparison would prove nothing"
+
+
+
+def test_opcm_folds_adapters_from_their_factors_as_if_densified(ckpts, tmp_path):
+    # DESIGN §4.1: OPCM takes a LoRA target's τ = s·B·A through its factors (no m×n×k product with
+    # τ); it must write what folding the densified adapter writes. Version 1 a full expert (Δ dense
+    # and well conditioned), then each adapter: the rsLoRA one (384×1536 and 384×384 targets) on
+    # the Gram route ("auto"), the plain one on LAPACK's ("svd").
+    first = fold_checkpoint("opcm", None, ckpts.base, None, ckpts.experts[0], None, tmp_path / "v1", 1, device="cpu")
+    for adapter, svd_method in ((ckpts.experts[3], "auto"), (ckpts.experts[2], "svd")):
+        outs = {}
+        for factored in (True, False):
+            result = fold_checkpoint("opcm", None, ckpts.base, first.out, adapter, first.state,
+                                     tmp_path / f"{svd_method}-{factored}", 2, device="cpu",
+                                     svd_method=svd_method, low_rank=factored)
+            outs[factored] = (minilm.load_state_dict(result.out), result.metrics)
+        (factored, metrics), (densified, reference) = outs[True], outs[False]
+        assert reference["low_rank_tensors"] == 0 and metrics["low_rank_tensors"] == 12  # 2 modules × 6 layers
+        assert metrics["projected_tensors"] == reference["projected_tensors"] >= 12
+        assert metrics["lambda"] == pytest.approx(reference["lambda"], rel=1e-6)
+        error = task_relative_error(factored, densified, ckpts.base_sd)
+        assert error <= 1e-5, f"{adapter.name} ({svd_method}): relative error {error:.2e}"  # measured 3e-7 to 7e-7
+        # the projection did remove part of the adapter's τ, the same part both ways
+        assert metrics["removed_fraction"] == pytest.approx(reference["removed_fraction"], rel=1e-4)
+        assert metrics["removed_fraction"] > 1e-4

@@ -481,6 +481,8 @@ class _FoldInputs:
     factored: bool = True
     # the tensors whose τ pass 1 reads as factors (set below, from the expert and the method)
     low_rank: frozenset[str] = frozenset()
+    # one part of a fold split over workers (app.merging.parts): the tensors this part folds; None: all
+    only: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         for step in self.postprocess:
@@ -492,6 +494,10 @@ class _FoldInputs:
     @property
     def floating(self) -> list[str]:
         return [n for n in self.base.names() if self.base.tensors[n].is_floating]
+
+    def visit(self, names: list[str]) -> list[str]:
+        """The names a pass visits: all of them, or this part's."""
+        return names if self.only is None else [n for n in names if n in self.only]
 
     def load(self, source: TensorSource, name: str) -> torch.Tensor:
         return source.read(name).to(device=self.device, dtype=_compute_dtype(self.base.tensors[name]))
@@ -533,7 +539,7 @@ class _FoldInputs:
 def _one_pass(f: _FoldInputs) -> None:
     """Read each tensor of the base, the previous version and the expert; fold it; write it."""
     totals = f.totals
-    for name in f.base.names():
+    for name in f.visit(f.base.names()):
         if name in f.streamed:
             _one_pass_streamed(f, name)
             continue
@@ -567,7 +573,7 @@ def _one_pass(f: _FoldInputs) -> None:
 def _update_pass(f: _FoldInputs, scratch: Any) -> None:
     """Pass 1 of a fold with a global step: each tensor's update from τ_t and Δ, kept in ``scratch``."""
     totals = f.totals
-    for name in f.floating:
+    for name in f.visit(f.floating):
         if name in f.streamed:
             _update_streamed(f, name, scratch)
             continue
@@ -635,7 +641,7 @@ def _finish_pass(f: _FoldInputs, scratch: Any, updates: Any = None) -> None:
     ``updates`` reads the whole tensors' updates (the scratch itself, or a reader ahead of it).
     """
     read_update = updates.read if updates is not None else scratch.get
-    for name in f.base.names():
+    for name in f.visit(f.base.names()):
         if name in f.streamed:
             _finish_streamed(f, name, scratch)
             continue
@@ -1063,6 +1069,16 @@ def default_aux_path(out: str | os.PathLike[str]) -> Path:
     return out.with_name(out.name.removesuffix(".safetensors") + ".aux.safetensors")
 
 
+def fold_metadata(method: str, stored_params: Mapping[str, Any], version: int, lineage: Mapping[str, Any]) -> dict[str, str]:
+    """The ``mergeline.*`` safetensors metadata of a version: method, parameters, version, lineage."""
+    return {
+        "mergeline.method": method,
+        "mergeline.params": json.dumps(stored_params, sort_keys=True),
+        "mergeline.version": str(version),
+        **{f"mergeline.{key}": str(value) for key, value in lineage.items()},
+    }
+
+
 def fold_checkpoint(
     method: str,
     params: Mapping[str, Any] | None,
@@ -1152,12 +1168,7 @@ def fold_checkpoint(
         lineage.setdefault("parent_sha256", folders.checkpoint_sha256(previous if previous is not None else base))
         lineage.setdefault("expert_sha256", folders.checkpoint_sha256(expert))
         card.setdefault("experts", [{"name": Path(expert).name, "sha256": lineage["expert_sha256"]}])
-        metadata = {
-            "mergeline.method": fold_method.name,
-            "mergeline.params": json.dumps(prepared.stored_params, sort_keys=True),
-            "mergeline.version": str(version),
-            **{f"mergeline.{key}": str(value) for key, value in lineage.items()},
-        }
+        metadata = fold_metadata(fold_method.name, prepared.stored_params, version, lineage)
         scratch_root = Path(scratch_dir) if scratch_dir is not None else out.parent
         aux_writer = None
         if keeps_aux:

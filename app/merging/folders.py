@@ -458,6 +458,13 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
+def version_card(base_name: str, metadata: Mapping[str, str], card_args: Mapping[str, Any]) -> str:
+    """A version folder's README.md from the fold's metadata and what the fold described (``base_name``: the default base_model)."""
+    args = {"base_model": base_name, "method": metadata.get("mergeline.method", ""),
+            "params": {}, "version": 0, "experts": [], "metrics": {}, **card_args}
+    return model_card(**args)
+
+
 def card_lineage(lineage: dict[str, Any]) -> dict[str, Any]:
     """Take the model card's part out of a fold's lineage: ``experts`` ([{name, sha256}]) and ``base_model``."""
     card: dict[str, Any] = {}
@@ -543,9 +550,7 @@ class VersionWriter:
             dest = self.tmp / path
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self.info.root / path, dest)
-        args = {"base_model": self.info.root.name, "method": self.metadata.get("mergeline.method", ""),
-                "params": {}, "version": 0, "experts": [], "metrics": {}, **self.card_args}
-        (self.tmp / CARD_NAME).write_text(model_card(**args), encoding="utf-8")
+        (self.tmp / CARD_NAME).write_text(version_card(self.info.root.name, self.metadata, self.card_args), encoding="utf-8")
         self.files = folder_files(self.tmp)
         self.sha256 = folder_sha256([(p, sha) for p, _, sha in self.files])
         self.size = sum(size for _, size, _ in self.files)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Annotated, Any, ClassVar
@@ -243,6 +243,25 @@ class MergeMethod:
     def finish_tensor(self, update: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """Pass 2: θ⁽ᵗ⁾ for one tensor from its update and the base (compute dtype)."""
         raise NotImplementedError(f"{self.name} has no global step")
+
+    # ---------------------------------------------------------------- a fold split into parts
+    # A fold split over workers (app.merging.parts) runs pass 1 (or the one pass) on disjoint
+    # groups of tensors, each on a fresh instance; one reducing instance then absorbs every part's
+    # partial, in tensor order, before global_step and metrics; pass 2's instances resume from
+    # global_outcome. A method whose instance accumulates nothing across tensors needs none of it.
+    def partial(self) -> dict[str, Any]:
+        """What this instance accumulated over the tensors it saw (JSON): its part's share of the fold."""
+        return {}
+
+    def absorb(self, partials: Sequence[Mapping[str, Any]]) -> None:
+        """Take in every part's :meth:`partial`, in tensor order, as if this instance had seen all tensors."""
+
+    def global_outcome(self) -> dict[str, Any]:
+        """After :meth:`global_step`: what :meth:`finish_tensor` needs from it (JSON; OPCM's λ_t)."""
+        return {}
+
+    def resume_global(self, outcome: Mapping[str, Any]) -> None:
+        """Set another instance's :meth:`global_outcome` on this one, so that it can run pass 2 on a part."""
 
     # ---------------------------------------------------------------- after the fold
     def carried_state(self, common: dict[str, Any]) -> dict[str, Any]:

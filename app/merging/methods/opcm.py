@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -367,6 +367,21 @@ class OPCM(MergeMethod):
         if not math.isfinite(nu):
             raise NonFiniteTensor("the fold's update is not finite: the base or the previous version holds NaN/Inf")
         self.lam = nu / mean_norm if nu > 0 and mean_norm > 0 else self.lambda_prev
+
+    def partial(self) -> dict[str, Any]:
+        return {"linear_expert_sq": self.linear_expert_sq, "removed_sq": self.removed_sq, "split_ranks": self.split_ranks}
+
+    def absorb(self, partials: Sequence[Mapping[str, Any]]) -> None:
+        for part in partials:
+            self.linear_expert_sq += float(part["linear_expert_sq"])
+            self.removed_sq += float(part["removed_sq"])
+            self.split_ranks.extend(float(r) for r in part["split_ranks"])
+
+    def global_outcome(self) -> dict[str, Any]:
+        return {"lambda": self.lam}
+
+    def resume_global(self, outcome: Mapping[str, Any]) -> None:
+        self.lam = float(outcome["lambda"])
 
     def finish_tensor(self, update: Tensor, base: Tensor) -> Tensor:
         return update.to(device=base.device, dtype=base.dtype).div_(self.lam).add_(base)

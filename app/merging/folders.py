@@ -476,7 +476,7 @@ def model_card(
 
 
 def version_card(base_name: str, metadata: Mapping[str, str], card_args: Mapping[str, Any]) -> str:
-    """A version folder's README.md from the fold's metadata and what the fold described (``base_name``: the default base_model)."""
+    """A version folder's README.md from the fold's metadata and the fold's description (``base_name``: default base_model)."""
     args = {"base_model": base_name, "method": metadata.get("mergeline.method", ""),
             "params": {}, "version": 0, "experts": [], "metrics": {}, **card_args}
     return model_card(**args)

@@ -262,7 +262,24 @@ def _sharded_tensors(
             + (f" ({len(missing) - 1} more such tensors)" if len(missing) > 1 else ""),
             tensor=name,
         )
+    _check_total_size(index, sum(header.data_size for header in headers.values()))
     return index, tensors, holder, sorted(shards)
+
+
+def _check_total_size(index: dict[str, Any], actual: int) -> None:
+    """The index's ``metadata.total_size``, when it has one, must be the shards' tensor bytes (as transformers writes it)."""
+    metadata = index.get("metadata")
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise FolderError(f"{INDEX_NAME}: metadata must be an object, not {type(metadata).__name__}")
+    total = metadata.get("total_size")
+    if total is None:
+        return
+    if isinstance(total, bool) or not isinstance(total, int) or total != actual:
+        raise FolderError(
+            f"{INDEX_NAME}: metadata.total_size is {total!r}, but its shards hold {actual} bytes of tensor data"
+        )
 
 
 def inspect_files(

@@ -439,7 +439,8 @@ def run_part(
         elif phase == "update":
             scratch = _UpdateFile(out, _compute_layout(base, part.names))
             try:
-                with engine._overlapped(f, {"base": floating, "previous": floating, "expert": floating}):
+                dense = [n for n in floating if n not in f.low_rank]  # a LoRA target's factors are read as needed
+                with engine._overlapped(f, {"base": floating, "previous": floating, "expert": dense}):
                     engine._update_pass(f, scratch)
             finally:
                 scratch.close()

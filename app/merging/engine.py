@@ -45,6 +45,7 @@ from app.merging.protocol import (
     BlockedTensorUpdate,
     FoldState,
     FoldTotals,
+    LowRankTensorUpdate,
     MergeMethod,
     TensorFold,
     TensorUpdate,
@@ -476,14 +477,27 @@ class _FoldInputs:
     # ahead_limit: the largest tensor (bytes) read ahead, under a memory budget
     overlap: bool = False
     ahead_limit: int | None = None
+    # hand a LoRA expert's factors to a method that takes them (False: densify, as a reference)
+    factored: bool = True
+    # the tensors whose τ pass 1 reads as factors (set below, from the expert and the method)
+    low_rank: frozenset[str] = frozenset()
+    # one part of a fold split over workers (app.merging.parts): the tensors this part folds; None: all
+    only: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         for step in self.postprocess:
             step.prepare(self.floating)
+        takes = self.factored and self.method.low_rank_update and self.method.has_global_step and not self.preprocess
+        if takes and hasattr(self.expert, "factored_names"):
+            self.low_rank = frozenset(self.expert.factored_names()) - self.streamed
 
     @property
     def floating(self) -> list[str]:
         return [n for n in self.base.names() if self.base.tensors[n].is_floating]
+
+    def visit(self, names: list[str]) -> list[str]:
+        """The names a pass visits: all of them, or this part's."""
+        return names if self.only is None else [n for n in names if n in self.only]
 
     def load(self, source: TensorSource, name: str) -> torch.Tensor:
         return source.read(name).to(device=self.device, dtype=_compute_dtype(self.base.tensors[name]))
@@ -525,7 +539,7 @@ class _FoldInputs:
 def _one_pass(f: _FoldInputs) -> None:
     """Read each tensor of the base, the previous version and the expert; fold it; write it."""
     totals = f.totals
-    for name in f.base.names():
+    for name in f.visit(f.base.names()):
         if name in f.streamed:
             _one_pass_streamed(f, name)
             continue
@@ -559,9 +573,12 @@ def _one_pass(f: _FoldInputs) -> None:
 def _update_pass(f: _FoldInputs, scratch: Any) -> None:
     """Pass 1 of a fold with a global step: each tensor's update from τ_t and Δ, kept in ``scratch``."""
     totals = f.totals
-    for name in f.floating:
+    for name in f.visit(f.floating):
         if name in f.streamed:
             _update_streamed(f, name, scratch)
+            continue
+        if name in f.low_rank:
+            _update_low_rank(f, name, scratch)
             continue
         b = f.load(f.base, name)
         delta = f.load(f.previous, name).sub_(b)  # type: ignore[arg-type]
@@ -587,13 +604,44 @@ def _update_pass(f: _FoldInputs, scratch: Any) -> None:
         f.progress.advance("pass1", f.base.tensors[name].numel)
 
 
+def _update_low_rank(f: _FoldInputs, name: str, scratch: Any) -> None:
+    """``_update_pass`` for a tensor whose τ the expert holds as factors L R: its norms from them too.
+
+    ‖L R‖² = ⟨LᵀL, R Rᵀ⟩ (r×r, float64) and ⟨L R, Δ⟩ = ⟨L, Δ Rᵀ⟩: no m×n τ is formed here.
+    """
+    totals = f.totals
+    dtype = _compute_dtype(f.base.tensors[name])
+    b = f.load(f.base, name)
+    delta = f.load(f.previous, name).sub_(b)  # type: ignore[arg-type]
+    del b
+    left, right = f.expert.low_rank(name, dtype=dtype, device=f.device)
+    if f.check_expert:
+        for factor in (left, right):
+            check_finite_tensor(factor, name, what="the expert's LoRA update of", part=" in its factors")
+    if f.postprocess:
+        delta = f.raw_previous(name, delta)
+    left64, right64 = left.to(torch.float64), right.to(torch.float64)
+    task_sq = float(((left64.T @ left64) * (right64 @ right64.T)).sum())
+    del left64, right64
+    totals.expert_sq += task_sq
+    totals.previous_sq += squared_norm(delta)
+    totals.cross += inner(left, delta @ right.T)
+    x = LowRankTensorUpdate(name, f.seed(name), f.is_linear(name), f.version, left, right, delta, task_sq, f.svd_method)
+    update = f.method.update_tensor_low_rank(x)
+    del x, delta, left, right
+    totals.update_sq += squared_norm(update)
+    scratch.put(name, update)
+    del update
+    f.progress.advance("pass1", f.base.tensors[name].numel)
+
+
 def _finish_pass(f: _FoldInputs, scratch: Any, updates: Any = None) -> None:
     """Pass 2 of a fold with a global step: each tensor's output from its update and the base.
 
     ``updates`` reads the whole tensors' updates (the scratch itself, or a reader ahead of it).
     """
     read_update = updates.read if updates is not None else scratch.get
-    for name in f.base.names():
+    for name in f.visit(f.base.names()):
         if name in f.streamed:
             _finish_streamed(f, name, scratch)
             continue
@@ -885,7 +933,8 @@ def _fold(f: _FoldInputs, scratch_factory: Callable[[], Any]) -> tuple[dict[str,
             raise NotImplementedError("an auxiliary checkpoint is written by one-pass folds only")
         scratch = scratch_factory()
         try:
-            with _overlapped(f, {"base": floating, "previous": floating, "expert": floating}):
+            dense = [n for n in floating if n not in f.low_rank]
+            with _overlapped(f, {"base": floating, "previous": floating, "expert": dense}):
                 _update_pass(f, scratch)
             f.method.global_step(FoldTotals([*f.carried_norms, math.sqrt(f.totals.expert_sq)], f.totals.update_sq))
             with _overlapped(f, {"base": names, "scratch": floating}, scratch) as updates:
@@ -1020,6 +1069,16 @@ def default_aux_path(out: str | os.PathLike[str]) -> Path:
     return out.with_name(out.name.removesuffix(".safetensors") + ".aux.safetensors")
 
 
+def fold_metadata(method: str, stored_params: Mapping[str, Any], version: int, lineage: Mapping[str, Any]) -> dict[str, str]:
+    """The ``mergeline.*`` safetensors metadata of a version: method, parameters, version, lineage."""
+    return {
+        "mergeline.method": method,
+        "mergeline.params": json.dumps(stored_params, sort_keys=True),
+        "mergeline.version": str(version),
+        **{f"mergeline.{key}": str(value) for key, value in lineage.items()},
+    }
+
+
 def fold_checkpoint(
     method: str,
     params: Mapping[str, Any] | None,
@@ -1041,6 +1100,7 @@ def fold_checkpoint(
     aux_previous: str | os.PathLike[str] | None = None,
     aux_out: str | os.PathLike[str] | None = None,
     memory_budget: int | None = None,
+    low_rank: bool = True,
 ) -> FoldResult:
     """Fold one expert checkpoint into the running merge, producing version ``version``.
 
@@ -1058,6 +1118,9 @@ def fold_checkpoint(
     ``memory_budget`` (bytes; default ``MERGELINE_FOLD_MEMORY_BYTES``, else unbounded) caps the
     fold's working memory: tensors whose fold would not fit are streamed in blocks, with the same
     output bytes, and a tensor that cannot fit even so fails the fold before anything is written.
+    ``low_rank``: a LoRA expert's targets reach a method that takes factored task vectors
+    (``low_rank_update``, OPCM) as their factors; False densifies every one first (the reference
+    the factored path is measured and tested against).
     Raises a ``CheckpointError`` subclass, before writing anything, for any bad input.
     """
     started = time.perf_counter()
@@ -1105,12 +1168,7 @@ def fold_checkpoint(
         lineage.setdefault("parent_sha256", folders.checkpoint_sha256(previous if previous is not None else base))
         lineage.setdefault("expert_sha256", folders.checkpoint_sha256(expert))
         card.setdefault("experts", [{"name": Path(expert).name, "sha256": lineage["expert_sha256"]}])
-        metadata = {
-            "mergeline.method": fold_method.name,
-            "mergeline.params": json.dumps(prepared.stored_params, sort_keys=True),
-            "mergeline.version": str(version),
-            **{f"mergeline.{key}": str(value) for key, value in lineage.items()},
-        }
+        metadata = fold_metadata(fold_method.name, prepared.stored_params, version, lineage)
         scratch_root = Path(scratch_dir) if scratch_dir is not None else out.parent
         aux_writer = None
         if keeps_aux:
@@ -1142,12 +1200,14 @@ def fold_checkpoint(
                 streamed=streamed,
                 overlap=True,
                 ahead_limit=budget // 8 if budget is not None else None,
+                factored=low_rank,
             )
             scratch_factory = (
                 (lambda: _ScratchFile(scratch_root)) if streamed else _scratch_for(torch_device, base_ck, scratch_root)
             )
             new_state, metrics = _fold(inputs, scratch_factory)
             metrics["streamed_tensors"] = float(len(streamed))
+            metrics["low_rank_tensors"] = float(len(inputs.low_rank))
             writer.describe(
                 method=fold_method.name, params=prepared.stored_params, version=version, metrics=metrics, **card
             )

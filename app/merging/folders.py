@@ -262,7 +262,24 @@ def _sharded_tensors(
             + (f" ({len(missing) - 1} more such tensors)" if len(missing) > 1 else ""),
             tensor=name,
         )
+    _check_total_size(index, sum(header.data_size for header in headers.values()))
     return index, tensors, holder, sorted(shards)
+
+
+def _check_total_size(index: dict[str, Any], actual: int) -> None:
+    """The index's ``metadata.total_size``, when it has one, must be the shards' tensor bytes (as transformers writes it)."""
+    metadata = index.get("metadata")
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise FolderError(f"{INDEX_NAME}: metadata must be an object, not {type(metadata).__name__}")
+    total = metadata.get("total_size")
+    if total is None:
+        return
+    if isinstance(total, bool) or not isinstance(total, int) or total != actual:
+        raise FolderError(
+            f"{INDEX_NAME}: metadata.total_size is {total!r}, but its shards hold {actual} bytes of tensor data"
+        )
 
 
 def inspect_files(
@@ -458,6 +475,13 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
+def version_card(base_name: str, metadata: Mapping[str, str], card_args: Mapping[str, Any]) -> str:
+    """A version folder's README.md from the fold's metadata and the fold's description (``base_name``: default base_model)."""
+    args = {"base_model": base_name, "method": metadata.get("mergeline.method", ""),
+            "params": {}, "version": 0, "experts": [], "metrics": {}, **card_args}
+    return model_card(**args)
+
+
 def card_lineage(lineage: dict[str, Any]) -> dict[str, Any]:
     """Take the model card's part out of a fold's lineage: ``experts`` ([{name, sha256}]) and ``base_model``."""
     card: dict[str, Any] = {}
@@ -543,9 +567,7 @@ class VersionWriter:
             dest = self.tmp / path
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(self.info.root / path, dest)
-        args = {"base_model": self.info.root.name, "method": self.metadata.get("mergeline.method", ""),
-                "params": {}, "version": 0, "experts": [], "metrics": {}, **self.card_args}
-        (self.tmp / CARD_NAME).write_text(model_card(**args), encoding="utf-8")
+        (self.tmp / CARD_NAME).write_text(version_card(self.info.root.name, self.metadata, self.card_args), encoding="utf-8")
         self.files = folder_files(self.tmp)
         self.sha256 = folder_sha256([(p, sha) for p, _, sha in self.files])
         self.size = sum(size for _, size, _ in self.files)

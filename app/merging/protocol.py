@@ -9,7 +9,9 @@ line in ``app/merging/registry.py``. The engine knows no method by name; it call
    checkpoint's order, with a :class:`TensorFold` (base, previous, expert in the compute dtype);
 3. for a fold with a global step (``has_global_step``), two passes: :meth:`update_tensor` on each
    tensor's task vectors (:class:`TensorUpdate`), whose results the engine keeps aside; then
-   :meth:`global_step` once with the totals; then :meth:`finish_tensor` per tensor;
+   :meth:`global_step` once with the totals; then :meth:`finish_tensor` per tensor. A method with
+   ``low_rank_update`` gets a tensor whose task vector arrives factored (a LoRA target,
+   τ = L R) as a :class:`LowRankTensorUpdate` through :meth:`update_tensor_low_rank` instead;
 4. :meth:`carried_state` and :meth:`metrics`.
 
 Every tensor gets a ``torch.Generator`` seeded from (stream, expert sha256, tensor name), so a
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Annotated, Any, ClassVar
@@ -93,6 +95,30 @@ class TensorUpdate(_Seeded):
     delta: torch.Tensor
     task_sq: float  # ‖τ_t‖² of this tensor, float64
     svd_method: str = "auto"
+
+
+@dataclass
+class LowRankTensorUpdate(_Seeded):
+    """Pass 1 for a tensor whose task vector is given by its factors: τ_t = ``left`` @ ``right``.
+
+    ``left`` is m×r and ``right`` r×n, in the base weight's orientation and the compute dtype (a
+    LoRA target: left = s·B, right = A). ``delta`` is Δ = θ⁽ᵗ⁻¹⁾ − θ₀ as in :class:`TensorUpdate`;
+    the method may overwrite it. ``task_sq`` is ‖L R‖², float64, from the factors.
+    """
+
+    linear: bool
+    t: int
+    left: torch.Tensor
+    right: torch.Tensor
+    delta: torch.Tensor
+    task_sq: float
+    svd_method: str = "auto"
+
+    def dense(self) -> TensorUpdate:
+        """The same update with τ_t formed (m×n×r work): for a method that finds the factors no cheaper."""
+        return TensorUpdate(
+            self.name, self.seed, self.linear, self.t, self.left @ self.right, self.delta, self.task_sq, self.svd_method
+        )
 
 
 @dataclass
@@ -169,6 +195,9 @@ class MergeMethod:
     elementwise: ClassVar[bool] = False
     # update_tensor_blocked is implemented (a fold with a global step under a memory budget)
     blocked_update: ClassVar[bool] = False
+    # update_tensor_low_rank is implemented: pass 1 of a fold with a global step may take a LoRA
+    # target's task vector as its factors, and returns what update_tensor returns for L @ R
+    low_rank_update: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel, state: FoldState | None, t: int) -> None:
         self.params = params
@@ -204,12 +233,35 @@ class MergeMethod:
         """Pass 1 for a tensor streamed in blocks: the same update as :meth:`update_tensor`, put back block by block."""
         raise NotImplementedError(f"{self.name} cannot fold a tensor in blocks")
 
+    def update_tensor_low_rank(self, x: LowRankTensorUpdate) -> torch.Tensor:
+        """Pass 1 for a factored task vector: :meth:`update_tensor` of τ_t = L R, from the factors where cheaper."""
+        return self.update_tensor(x.dense())
+
     def global_step(self, totals: FoldTotals) -> None:
         """After pass 1: the step that needs the whole update (OPCM's rescale)."""
 
     def finish_tensor(self, update: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         """Pass 2: θ⁽ᵗ⁾ for one tensor from its update and the base (compute dtype)."""
         raise NotImplementedError(f"{self.name} has no global step")
+
+    # ---------------------------------------------------------------- a fold split into parts
+    # A fold split over workers (app.merging.parts) runs pass 1 (or the one pass) on disjoint
+    # groups of tensors, each on a fresh instance; one reducing instance then absorbs every part's
+    # partial, in tensor order, before global_step and metrics; pass 2's instances resume from
+    # global_outcome. A method whose instance accumulates nothing across tensors needs none of it.
+    def partial(self) -> dict[str, Any]:
+        """What this instance accumulated over the tensors it saw (JSON): its part's share of the fold."""
+        return {}
+
+    def absorb(self, partials: Sequence[Mapping[str, Any]]) -> None:
+        """Take in every part's :meth:`partial`, in tensor order, as if this instance had seen all tensors."""
+
+    def global_outcome(self) -> dict[str, Any]:
+        """After :meth:`global_step`: what :meth:`finish_tensor` needs from it (JSON; OPCM's λ_t)."""
+        return {}
+
+    def resume_global(self, outcome: Mapping[str, Any]) -> None:
+        """Set another instance's :meth:`global_outcome` on this one, so that it can run pass 2 on a part."""
 
     # ---------------------------------------------------------------- after the fold
     def carried_state(self, common: dict[str, Any]) -> dict[str, Any]:
@@ -231,6 +283,6 @@ REPORTED_METRICS: dict[str, float] = {
 }
 
 __all__ = [
-    "REPORTED_METRICS", "ROW_BLOCK", "BlockedTensorUpdate", "FoldState", "FoldTotals", "MergeMethod", "TensorFold",
-    "TensorUpdate", "tensor_seed",
+    "REPORTED_METRICS", "ROW_BLOCK", "BlockedTensorUpdate", "FoldState", "FoldTotals", "LowRankTensorUpdate",
+    "MergeMethod", "TensorFold", "TensorUpdate", "tensor_seed",
 ]

@@ -511,16 +511,24 @@ def encode_header(
 class _FileWriter:
     """Writes one safetensors file whose layout is declared up front; tensors must come in that order."""
 
-    def __init__(self, path: Path, layout: list[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None):
+    def __init__(
+        self, path: Path, layout: list[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None,
+        *, span: tuple[int, int] | None = None,
+    ):
+        """``span`` (first, stop): write only the tensors layout[first:stop], and the header only when first is 0
+        (a segment of the file, as one part of a fold split over workers writes it)."""
         self.path = path
         header, self.specs = encode_header(layout, metadata)
         self.order = [name for name, _, _ in layout]
-        self.next = 0
+        first, stop = span if span is not None else (0, len(self.order))
+        self.next, self.stop = first, stop
         self._part_bytes = 0  # of the tensor being written in parts
         self.digest = hashlib.sha256()
         self.file = open(path, "wb", buffering=0)  # noqa: SIM115 - closed by close() or abort()
-        self._write(header)
-        self.size = len(header)
+        self.size = 0
+        if first == 0:
+            self._write(header)
+            self.size = len(header)
 
     def _write(self, data: bytes | memoryview) -> None:
         self.digest.update(data)
@@ -530,8 +538,8 @@ class _FileWriter:
             view = view[n:]
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        if self.next >= len(self.order) or self.order[self.next] != name:
-            expected = self.order[self.next] if self.next < len(self.order) else "nothing more"
+        if self.next >= self.stop or self.order[self.next] != name:
+            expected = self.order[self.next] if self.next < self.stop else "nothing more"
             raise RuntimeError(f"{self.path.name}: wrote {name!r} but expected {expected!r}")
         spec = self.specs[name]
         if SAFETENSORS_DTYPE[tensor.dtype] != spec.dtype or tuple(tensor.shape) != spec.shape:
@@ -544,8 +552,8 @@ class _FileWriter:
 
     def write_part(self, name: str, tensor: torch.Tensor) -> None:
         """The next bytes of tensor ``name``, in storage order; the tensor is done when all its bytes have come."""
-        if self.next >= len(self.order) or self.order[self.next] != name:
-            expected = self.order[self.next] if self.next < len(self.order) else "nothing more"
+        if self.next >= self.stop or self.order[self.next] != name:
+            expected = self.order[self.next] if self.next < self.stop else "nothing more"
             raise RuntimeError(f"{self.path.name}: wrote part of {name!r} but expected {expected!r}")
         spec = self.specs[name]
         if SAFETENSORS_DTYPE[tensor.dtype] != spec.dtype:
@@ -564,7 +572,7 @@ class _FileWriter:
 
     @property
     def complete(self) -> bool:
-        return self.next == len(self.order)
+        return self.next == self.stop
 
     def close(self) -> None:
         if not self.file.closed:
@@ -648,17 +656,7 @@ class CheckpointWriter:
             self.sha256, self.size = writer.digest.hexdigest(), writer.size
             os.replace(self.tmp, self.out)
             return
-        weight_map = {name: self.like.shard_of[name] for name in self.like.names()}
-        total = sum(spec.nbytes for spec in self.like.tensors.values())
-        index = {
-            "metadata": {
-                "total_size": total,
-                **self.metadata,
-                "shard_sha256": {shard: w.digest.hexdigest() for shard, w in self._writers.items()},
-            },
-            "weight_map": weight_map,
-        }
-        data = json.dumps(index, indent=2, sort_keys=False).encode("utf-8") + b"\n"
+        data = self.index_bytes({shard: w.digest.hexdigest() for shard, w in self._writers.items()})
         with open(self.tmp / INDEX_NAME, "wb") as f:
             f.write(data)
             f.flush()
@@ -666,6 +664,16 @@ class CheckpointWriter:
         self.sha256 = hashlib.sha256(data).hexdigest()
         self.size = len(data) + sum(w.size for w in self._writers.values())
         replace_into_place(self.tmp, self.out)
+
+    def index_bytes(self, shard_sha256: Mapping[str, str]) -> bytes:
+        """The shard folder's model.safetensors.index.json, given each shard's sha256 (in the order written)."""
+        weight_map = {name: self.like.shard_of[name] for name in self.like.names()}
+        total = sum(spec.nbytes for spec in self.like.tensors.values())
+        index = {
+            "metadata": {"total_size": total, **self.metadata, "shard_sha256": dict(shard_sha256)},
+            "weight_map": weight_map,
+        }
+        return json.dumps(index, indent=2, sort_keys=False).encode("utf-8") + b"\n"
 
     def _abort(self) -> None:
         for writer in self._writers.values():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
-from typing import Literal
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -186,6 +186,13 @@ class DOP(MergeMethod):
         )
         self.stability.append(stability)
         return merged
+
+    def partial(self) -> dict[str, Any]:
+        return {"stability": self.stability}
+
+    def absorb(self, partials: Sequence[Mapping[str, Any]]) -> None:
+        for part in partials:
+            self.stability.extend(float(w) for w in part["stability"])
 
     def metrics(self) -> dict[str, float]:
         return {"mean_stability_weight": sum(self.stability) / len(self.stability) if self.stability else 0.0}

@@ -107,7 +107,13 @@ def summarize(results: dict[str, Any], methods: Sequence[MethodConfig],
     for family in dict.fromkeys(c.family for c in methods):
         labels = [c.label for c in methods if c.family == family and c.label in rows]
         if labels:
-            chosen[family] = max(labels, key=lambda label: rows[label]["final_val"]["mean"])
+            # on the runs every setting of the family has (a setting may run on fewer orders)
+            common = set.intersection(*({(r["seed"], r["order"]) for r in results["runs"] if r["label"] == label}
+                                        for label in labels))
+            val = {label: statistics.fmean(r["folds"][-1]["average"]["val"] for r in results["runs"]
+                                           if r["label"] == label and (r["seed"], r["order"]) in common)
+                   for label in labels}
+            chosen[family] = max(labels, key=val.__getitem__)
 
     def runs_of(label: str) -> set[tuple[int, int]]:
         if label in ("probe", "expert"):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,6 +32,27 @@ _ROW_BLOCK = ROW_BLOCK
 # completes U to an orthonormal basis) is used instead. Above it the Gram route measured more
 # accurate than float32 LAPACK SVD (bench/fold.py --svd-alternatives).
 _GRAM_MIN_CONDITION = 1e-6
+
+
+@contextlib.contextmanager
+def _one_lapack_thread(device: torch.device) -> Iterator[None]:
+    """Run a CPU eigendecomposition or SVD on one thread, then restore the thread count.
+
+    LAPACK's eigh/SVD of the n×n (n ≤ a few thousand) matrices of a fold are chains of small
+    steps with a barrier each: on this project's 2-core machine two threads made eigh(768×768)
+    3–5× slower than one, and a float32 SVD 15×, whenever anything else used a core (bench/fold.py
+    profile, bench/results/fold_vit_b32.json). One thread also makes the decomposition's bytes
+    independent of the machine's core count. Matrix products keep torch's thread count.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class OPCMParams(BaseModel):
@@ -73,7 +95,8 @@ def economy_svd(delta: Tensor, *, method: str = "auto") -> tuple[Tensor, Tensor,
         found = _gram_svd(delta, strict=method == "gram")
         if found is not None:
             return found
-    return torch.linalg.svd(delta, full_matrices=False)
+    with _one_lapack_thread(delta.device):
+        return torch.linalg.svd(delta, full_matrices=False)
 
 
 def _gram_eigh(tall: Tensor, *, strict: bool) -> tuple[Tensor, Tensor] | None:
@@ -87,7 +110,8 @@ def _gram_eigh(tall: Tensor, *, strict: bool) -> tuple[Tensor, Tensor] | None:
 
 
 def _eigh_of_gram(gram: Tensor, *, strict: bool) -> tuple[Tensor, Tensor] | None:
-    evals, v = torch.linalg.eigh(gram)
+    with _one_lapack_thread(gram.device):
+        evals, v = torch.linalg.eigh(gram)
     evals, v = evals.flip(0), v.flip(1)  # descending
     s = evals.clamp_min(0).sqrt()
     if not strict and (s[0] == 0 or s[-1] < _GRAM_MIN_CONDITION * s[0]):

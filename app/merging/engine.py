@@ -1118,8 +1118,11 @@ def fold_checkpoint(
 
         lineage = {key: value for key, value in (lineage or {}).items() if value is not None}
         card = folders.card_lineage(lineage)
-        lineage.setdefault("parent_sha256", folders.checkpoint_sha256(previous if previous is not None else base))
-        lineage.setdefault("expert_sha256", folders.checkpoint_sha256(expert))
+        # hashed only when the caller did not say (the service passes both): a full read of two inputs
+        if "parent_sha256" not in lineage:
+            lineage["parent_sha256"] = folders.checkpoint_sha256(previous if previous is not None else base)
+        if "expert_sha256" not in lineage:
+            lineage["expert_sha256"] = folders.checkpoint_sha256(expert)
         card.setdefault("experts", [{"name": Path(expert).name, "sha256": lineage["expert_sha256"]}])
         metadata = fold_metadata(fold_method.name, prepared.stored_params, version, lineage)
         scratch_root = Path(scratch_dir) if scratch_dir is not None else out.parent

@@ -240,6 +240,7 @@ def opcm_update(
     linear: bool,
     svd_method: str = "auto",
     inplace: bool = False,
+    delta_nonzero: bool | None = None,
 ) -> tuple[Tensor, int | None, float]:
     r"""One tensor of OPCM's unscaled update :math:`D = \lambda_{t-1}\Delta + \tilde\tau_t`.
 
@@ -257,12 +258,13 @@ def opcm_update(
     :math:`\theta^{(t)} = \theta_0 + D / \lambda_t` — so the merged task vector's norm is the mean
     expert norm after every fold. Version 1 is the first expert itself, with :math:`\lambda_1 = 1`.
 
+    ``delta_nonzero``: whether Δ has a non-zero element, when the caller already knows (else it is checked).
     Returns D (over ``task`` when ``inplace``), r (None when nothing was projected) and the squared
     norm the projection removed.
     """
     r: int | None = None
     removed_sq = 0.0
-    if linear and task.ndim == 2 and bool(delta.any()):
+    if linear and task.ndim == 2 and (delta_nonzero if delta_nonzero is not None else bool(delta.any())):
         task, r, removed_sq = project_task_vector(delta, task, alpha=alpha, svd_method=svd_method, inplace=inplace)
     elif not inplace:
         task = task.clone()
@@ -315,7 +317,7 @@ class OPCM(MergeMethod):
             self.linear_expert_sq += x.task_sq
         update, r, removed_sq = opcm_update(
             x.delta, x.task, alpha=self.params.alpha, lambda_prev=self.lambda_prev, linear=x.linear,
-            svd_method=x.svd_method, inplace=True,
+            svd_method=x.svd_method, inplace=True, delta_nonzero=x.delta_nonzero,
         )
         if r is not None:
             self.removed_sq += removed_sq

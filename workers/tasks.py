@@ -6,10 +6,10 @@ import logging
 import os
 import uuid
 
-from app.core.celery import EVALUATE_TASK, FOLD_TASK
+from app.core.celery import EVALUATE_TASK, FINISH_TASK, FOLD_PART_TASK, FOLD_TASK, REDUCE_TASK
 from app.core.config import get_settings
 from app.core.db import get_database
-from app.services import evaluations, folds
+from app.services import evaluations, folds, shards
 from app.services.queue import CeleryFoldQueue
 from app.storage import create_store
 from workers.celery_app import celery_app
@@ -69,4 +69,60 @@ def evaluate_version(self, evaluation_id: str) -> str:  # noqa: ANN001
     owner = f"{self.request.hostname or 'worker'}:{uuid.uuid4().hex[:12]}"
     outcome = evaluations.run_evaluation(context(), evaluation_id, owner=owner)
     log.info("evaluation %s: %s", evaluation_id, outcome)
+    return outcome
+
+
+# A sharded fold's tasks (app.services.shards): ids in, idempotent, re-delivered when their worker dies.
+# Parts keep a result (ignore_result=False): their chord counts them on the result backend.
+_PART_OPTIONS = {"bind": True, "acks_late": True, "reject_on_worker_lost": True, "max_retries": None}
+
+
+def _backoff(task, exc: Exception) -> Exception:  # noqa: ANN001
+    countdown = min(MAX_BACKOFF_SECONDS, 2 ** min(task.request.retries or 0, 6))
+    log.warning("%s hit a transient error (%s); retry in %ss", task.name, exc, countdown)
+    return task.retry(countdown=countdown, max_retries=None)
+
+
+@celery_app.task(name=FOLD_PART_TASK, ignore_result=False, **_PART_OPTIONS)
+def fold_part(self, version_id: str, owner: str, phase: str, index: int) -> str:  # noqa: ANN001
+    """Run part ``index`` of phase ``phase`` of version ``version_id``'s fold, planned by ``owner``."""
+    try:
+        outcome = shards.run_part(context(), version_id, owner, phase, index, worker=self.request.hostname or "")
+    except shards.PartBusy as busy:
+        raise self.retry(countdown=busy.countdown, max_retries=None) from None
+    except folds.TransientFoldError as exc:
+        raise _backoff(self, exc) from exc
+    log.info("part %s/%s of version %s: %s", phase, index, version_id, outcome)
+    return outcome
+
+
+@celery_app.task(name=REDUCE_TASK, **_PART_OPTIONS)
+def reduce_fold(self, version_id: str, owner: str) -> str:  # noqa: ANN001
+    """The chord callback after the update parts: the one reduction step, then the write parts."""
+    try:
+        outcome = shards.reduce(context(), version_id, owner)
+    except shards.NotReady:
+        raise self.retry(countdown=1, max_retries=600) from None
+    except folds.TransientFoldError as exc:
+        raise _backoff(self, exc) from exc
+    except Exception as exc:
+        if folds._is_transient(exc):
+            raise _backoff(self, exc) from exc
+        raise
+    log.info("reduction of version %s: %s", version_id, outcome)
+    return outcome
+
+
+@celery_app.task(name=FINISH_TASK, **_PART_OPTIONS)
+def finish_fold(self, version_id: str, owner: str) -> str:  # noqa: ANN001
+    """The chord callback after the output parts: the version's files, its row flipped to succeeded."""
+    try:
+        outcome = shards.finish(context(), version_id, owner)
+    except shards.NotReady:
+        raise self.retry(countdown=1, max_retries=600) from None
+    except Exception as exc:
+        if folds._is_transient(exc):
+            raise _backoff(self, exc) from exc
+        raise
+    log.info("finish of version %s: %s", version_id, outcome)
     return outcome

@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     # CPU threads each fold process may use; default: the machine's cores shared out among the worker's
     # processes (oversubscribed math-library threads spin: measured 15x slower eigh on a contended 2-core VM).
     fold_threads: int | None = Field(default=None, ge=1)
+    # Celery result backend, which a sharded fold's chords count their parts on. Default: the Redis
+    # broker itself, or a SQLite file beside the embedded broker's.
+    result_backend: str = ""
     # Celery queue name (and, on Redis, the key prefix): lets several deployments share one broker.
     queue: str = "mergeline"
     # Redis re-delivers a message whose worker vanished after this long; folds are idempotent,
@@ -70,6 +73,10 @@ class Settings(BaseSettings):
     # fold would not fit are streamed in blocks with the same output bytes; one that cannot fit fails
     # the fold with a clear error. Unset: no bound (a few of the largest tensors).
     fold_memory_bytes: int | None = Field(default=None, ge=64 * 1024 * 1024)
+    # A fold whose base is at least this many bytes is split by tensor groups into parts of about this
+    # size, run as Celery subtasks by any number of workers (a stream's `fold_parts` asks for a count).
+    # Unset: a fold runs on one worker unless its stream asks. The result is byte-identical either way.
+    fold_shard_bytes: int | None = Field(default=None, ge=1024 * 1024)
     # Stretch every fold to at least this many seconds (paced at its progress reports).
     # Fault-injection tests use it to kill, cut off or restart things mid-fold; keep 0 in production.
     fold_min_seconds: float = Field(default=0.0, ge=0.0, le=3600.0)
@@ -103,6 +110,10 @@ class Settings(BaseSettings):
             self.database_url = f"sqlite:///{self.data_dir / 'mergeline.db'}"
         if not self.broker_url:
             self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.db'}"
+        if not self.result_backend:
+            self.result_backend = (
+                f"db+sqlite:///{self.data_dir / 'results.db'}" if self.broker_url.startswith("sqla+") else self.broker_url
+            )
         if self.store_path is None:
             self.store_path = self.data_dir / "objects"
         if self.work_dir is None:

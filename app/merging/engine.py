@@ -45,6 +45,7 @@ from app.merging.protocol import (
     BlockedTensorUpdate,
     FoldState,
     FoldTotals,
+    LowRankTensorUpdate,
     MergeMethod,
     TensorFold,
     TensorUpdate,
@@ -557,12 +558,19 @@ class _FoldInputs:
     # ahead_limit: the largest tensor (bytes) read ahead, under a memory budget
     overlap: bool = False
     ahead_limit: int | None = None
+    # hand a LoRA expert's factors to a method that takes them (False: densify, as a reference)
+    factored: bool = True
+    # the tensors whose τ pass 1 reads as factors (set below, from the expert and the method)
+    low_rank: frozenset[str] = frozenset()
     # one part of a fold split over workers (app.merging.parts): the tensors this part folds; None: all
     only: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         for step in self.postprocess:
             step.prepare(self.floating)
+        takes = self.factored and self.method.low_rank_update and self.method.has_global_step and not self.preprocess
+        if takes and hasattr(self.expert, "factored_names"):
+            self.low_rank = frozenset(self.expert.factored_names()) - self.streamed
 
     @property
     def floating(self) -> list[str]:
@@ -650,6 +658,9 @@ def _update_pass(f: _FoldInputs, scratch: Any) -> None:
         if name in f.streamed:
             _update_streamed(f, name, scratch)
             continue
+        if name in f.low_rank:
+            _update_low_rank(f, name, scratch)
+            continue
         b = f.load(f.base, name)
         delta = f.load(f.previous, name).sub_(b)  # type: ignore[arg-type]
         task = f.load(f.expert, name)
@@ -675,6 +686,37 @@ def _update_pass(f: _FoldInputs, scratch: Any) -> None:
         scratch.put(name, update)
         del update
         f.progress.advance("pass1", f.base.tensors[name].numel)
+
+
+def _update_low_rank(f: _FoldInputs, name: str, scratch: Any) -> None:
+    """``_update_pass`` for a tensor whose τ the expert holds as factors L R: its norms from them too.
+
+    ‖L R‖² = ⟨LᵀL, R Rᵀ⟩ (r×r, float64) and ⟨L R, Δ⟩ = ⟨L, Δ Rᵀ⟩: no m×n τ is formed here.
+    """
+    totals = f.totals
+    dtype = _compute_dtype(f.base.tensors[name])
+    b = f.load(f.base, name)
+    delta = f.load(f.previous, name).sub_(b)  # type: ignore[arg-type]
+    del b
+    left, right = f.expert.low_rank(name, dtype=dtype, device=f.device)
+    if f.check_expert:
+        for factor in (left, right):
+            check_finite_tensor(factor, name, what="the expert's LoRA update of", part=" in its factors")
+    if f.postprocess:
+        delta = f.raw_previous(name, delta)
+    left64, right64 = left.to(torch.float64), right.to(torch.float64)
+    task_sq = float(((left64.T @ left64) * (right64 @ right64.T)).sum())
+    del left64, right64
+    totals.expert_sq += task_sq
+    totals.previous_sq += squared_norm(delta)
+    totals.cross += inner(left, delta @ right.T)
+    x = LowRankTensorUpdate(name, f.seed(name), f.is_linear(name), f.version, left, right, delta, task_sq, f.svd_method)
+    update = f.method.update_tensor_low_rank(x)
+    del x, delta, left, right
+    totals.update_sq += squared_norm(update)
+    scratch.put(name, update)
+    del update
+    f.progress.advance("pass1", f.base.tensors[name].numel)
 
 
 def _finish_pass(f: _FoldInputs, scratch: Any, updates: Any = None) -> None:
@@ -995,7 +1037,8 @@ def _fold(f: _FoldInputs, scratch_factory: Callable[[], Any]) -> tuple[dict[str,
             raise NotImplementedError("an auxiliary checkpoint is written by one-pass folds only")
         scratch = scratch_factory()
         try:
-            with _overlapped(f, {"base": floating, "previous": floating, "expert": floating}):
+            dense = [n for n in floating if n not in f.low_rank]
+            with _overlapped(f, {"base": floating, "previous": floating, "expert": dense}):
                 _update_pass(f, scratch)
             f.method.global_step(FoldTotals([*f.carried_norms, math.sqrt(f.totals.expert_sq)], f.totals.update_sq))
             with _overlapped(f, {"base": names, "scratch": floating}, scratch) as updates:
@@ -1161,6 +1204,7 @@ def fold_checkpoint(
     aux_previous: str | os.PathLike[str] | None = None,
     aux_out: str | os.PathLike[str] | None = None,
     memory_budget: int | None = None,
+    low_rank: bool = True,
 ) -> FoldResult:
     """Fold one expert checkpoint into the running merge, producing version ``version``.
 
@@ -1178,6 +1222,9 @@ def fold_checkpoint(
     ``memory_budget`` (bytes; default ``MERGELINE_FOLD_MEMORY_BYTES``, else unbounded) caps the
     fold's working memory: tensors whose fold would not fit are streamed in blocks, with the same
     output bytes, and a tensor that cannot fit even so fails the fold before anything is written.
+    ``low_rank``: a LoRA expert's targets reach a method that takes factored task vectors
+    (``low_rank_update``, OPCM) as their factors; False densifies every one first (the reference
+    the factored path is measured and tested against).
     Raises a ``CheckpointError`` subclass, before writing anything, for any bad input.
     """
     started = time.perf_counter()
@@ -1260,12 +1307,14 @@ def fold_checkpoint(
                 streamed=streamed,
                 overlap=True,
                 ahead_limit=budget // 8 if budget is not None else None,
+                factored=low_rank,
             )
             room = scratch_room(base_ck, inputs.is_linear, streamed, budget)
             scratches: list[Any] = []
             make_scratch = _scratch_for(torch_device, base_ck, scratch_root, room)
             new_state, metrics = _fold(inputs, lambda: scratches.append(make_scratch()) or scratches[-1])
             metrics["streamed_tensors"] = float(len(streamed))
+            metrics["low_rank_tensors"] = float(len(inputs.low_rank))
             if fold_method.has_global_step:  # how much of pass 1's update went through the scratch file
                 metrics["scratch_spilled_bytes"] = float(sum(getattr(s, "spilled_bytes", 0) for s in scratches))
             writer.describe(

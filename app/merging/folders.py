@@ -262,7 +262,24 @@ def _sharded_tensors(
             + (f" ({len(missing) - 1} more such tensors)" if len(missing) > 1 else ""),
             tensor=name,
         )
+    _check_total_size(index, sum(header.data_size for header in headers.values()))
     return index, tensors, holder, sorted(shards)
+
+
+def _check_total_size(index: dict[str, Any], actual: int) -> None:
+    """The index's ``metadata.total_size``, when it has one, must be the shards' tensor bytes (as transformers writes it)."""
+    metadata = index.get("metadata")
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict):
+        raise FolderError(f"{INDEX_NAME}: metadata must be an object, not {type(metadata).__name__}")
+    total = metadata.get("total_size")
+    if total is None:
+        return
+    if isinstance(total, bool) or not isinstance(total, int) or total != actual:
+        raise FolderError(
+            f"{INDEX_NAME}: metadata.total_size is {total!r}, but its shards hold {actual} bytes of tensor data"
+        )
 
 
 def inspect_files(
@@ -459,7 +476,7 @@ def model_card(
 
 
 def version_card(base_name: str, metadata: Mapping[str, str], card_args: Mapping[str, Any]) -> str:
-    """A version folder's README.md from the fold's metadata and what the fold described (``base_name``: the default base_model)."""
+    """A version folder's README.md from the fold's metadata and the fold's description (``base_name``: default base_model)."""
     args = {"base_model": base_name, "method": metadata.get("mergeline.method", ""),
             "params": {}, "version": 0, "experts": [], "metrics": {}, **card_args}
     return model_card(**args)

@@ -272,6 +272,10 @@ class AdapterSource:
     def names(self) -> list[str]:
         return self.base.names()
 
+    def factored_names(self) -> list[str]:
+        """The base tensors whose task vector this adapter holds as factors (its LoRA targets)."""
+        return list(self.plan.targets)
+
     def low_rank(
         self, name: str, *, dtype: torch.dtype = torch.float32, device: Any = "cpu"
     ) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -31,8 +31,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
@@ -170,8 +170,9 @@ class ReaderCheckpoint:
     def read_columns(self, name: str, first: int, stop: int) -> torch.Tensor:
         rows, cols = self.tensors[name].shape
         stop = min(stop, cols)
-        return torch.stack([self.read_elements(name, row * cols + first, stop - first) for row in range(rows)]) \
-            if rows and stop > first else torch.empty((rows, max(0, stop - first)), dtype=stio.DTYPES[self.tensors[name].dtype][0])
+        if not rows or stop <= first:
+            return torch.empty((rows, max(0, stop - first)), dtype=stio.DTYPES[self.tensors[name].dtype][0])
+        return torch.stack([self.read_elements(name, row * cols + first, stop - first) for row in range(rows)])
 
     def close(self) -> None:
         pass
@@ -414,7 +415,8 @@ def run_part(
                                previous is not None, aux_file=False)
     only = frozenset(part.names)
     numel = sum(base.tensors[n].numel for n in part.names if base.tensors[n].is_floating)
-    tracker = engine._Progress(progress, {phase: 1.0}, {phase: numel})
+    unit = {"fold": "fold", "update": "pass1", "write": "pass2"}[phase]  # the engine's names for its passes
+    tracker = engine._Progress(progress, {unit: 1.0}, {unit: numel})
     totals = engine._Totals(*(_Terms() for _ in _TOTALS))
     sink = None
     if phase != "update":
@@ -437,7 +439,8 @@ def run_part(
         elif phase == "update":
             scratch = _UpdateFile(out, _compute_layout(base, part.names))
             try:
-                with engine._overlapped(f, {"base": floating, "previous": floating, "expert": floating}):
+                dense = [n for n in floating if n not in f.low_rank]  # a LoRA target's factors are read as needed
+                with engine._overlapped(f, {"base": floating, "previous": floating, "expert": dense}):
                     engine._update_pass(f, scratch)
             finally:
                 scratch.close()

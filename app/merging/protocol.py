@@ -9,7 +9,9 @@ line in ``app/merging/registry.py``. The engine knows no method by name; it call
    checkpoint's order, with a :class:`TensorFold` (base, previous, expert in the compute dtype);
 3. for a fold with a global step (``has_global_step``), two passes: :meth:`update_tensor` on each
    tensor's task vectors (:class:`TensorUpdate`), whose results the engine keeps aside; then
-   :meth:`global_step` once with the totals; then :meth:`finish_tensor` per tensor;
+   :meth:`global_step` once with the totals; then :meth:`finish_tensor` per tensor. A method with
+   ``low_rank_update`` gets a tensor whose task vector arrives factored (a LoRA target,
+   τ = L R) as a :class:`LowRankTensorUpdate` through :meth:`update_tensor_low_rank` instead;
 4. :meth:`carried_state` and :meth:`metrics`.
 
 Every tensor gets a ``torch.Generator`` seeded from (stream, expert sha256, tensor name), so a
@@ -97,6 +99,30 @@ class TensorUpdate(_Seeded):
 
 
 @dataclass
+class LowRankTensorUpdate(_Seeded):
+    """Pass 1 for a tensor whose task vector is given by its factors: τ_t = ``left`` @ ``right``.
+
+    ``left`` is m×r and ``right`` r×n, in the base weight's orientation and the compute dtype (a
+    LoRA target: left = s·B, right = A). ``delta`` is Δ = θ⁽ᵗ⁻¹⁾ − θ₀ as in :class:`TensorUpdate`;
+    the method may overwrite it. ``task_sq`` is ‖L R‖², float64, from the factors.
+    """
+
+    linear: bool
+    t: int
+    left: torch.Tensor
+    right: torch.Tensor
+    delta: torch.Tensor
+    task_sq: float
+    svd_method: str = "auto"
+
+    def dense(self) -> TensorUpdate:
+        """The same update with τ_t formed (m×n×r work): for a method that finds the factors no cheaper."""
+        return TensorUpdate(
+            self.name, self.seed, self.linear, self.t, self.left @ self.right, self.delta, self.task_sq, self.svd_method
+        )
+
+
+@dataclass
 class BlockedTensorUpdate(_Seeded):
     """Pass 1 for one tensor too large for the fold's memory budget: τ_t and Δ streamed in blocks.
 
@@ -170,6 +196,9 @@ class MergeMethod:
     elementwise: ClassVar[bool] = False
     # update_tensor_blocked is implemented (a fold with a global step under a memory budget)
     blocked_update: ClassVar[bool] = False
+    # update_tensor_low_rank is implemented: pass 1 of a fold with a global step may take a LoRA
+    # target's task vector as its factors, and returns what update_tensor returns for L @ R
+    low_rank_update: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel, state: FoldState | None, t: int) -> None:
         self.params = params
@@ -204,6 +233,10 @@ class MergeMethod:
     def update_tensor_blocked(self, x: BlockedTensorUpdate) -> None:
         """Pass 1 for a tensor streamed in blocks: the same update as :meth:`update_tensor`, put back block by block."""
         raise NotImplementedError(f"{self.name} cannot fold a tensor in blocks")
+
+    def update_tensor_low_rank(self, x: LowRankTensorUpdate) -> torch.Tensor:
+        """Pass 1 for a factored task vector: :meth:`update_tensor` of τ_t = L R, from the factors where cheaper."""
+        return self.update_tensor(x.dense())
 
     def global_step(self, totals: FoldTotals) -> None:
         """After pass 1: the step that needs the whole update (OPCM's rescale)."""
@@ -251,6 +284,6 @@ REPORTED_METRICS: dict[str, float] = {
 }
 
 __all__ = [
-    "REPORTED_METRICS", "ROW_BLOCK", "BlockedTensorUpdate", "FoldState", "FoldTotals", "MergeMethod", "TensorFold",
-    "TensorUpdate", "tensor_seed",
+    "REPORTED_METRICS", "ROW_BLOCK", "BlockedTensorUpdate", "FoldState", "FoldTotals", "LowRankTensorUpdate",
+    "MergeMethod", "TensorFold", "TensorUpdate", "tensor_seed",
 ]

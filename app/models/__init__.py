@@ -4,6 +4,7 @@ from app.models.alias import Alias, AliasMove
 from app.models.base import Base, new_id, utcnow
 from app.models.evaluation import Evaluation, EvaluationStatus
 from app.models.expert import Expert
+from app.models.fold_part import FoldPart, FoldPartStatus
 from app.models.stream import Stream
 from app.models.tenant import ApiToken, Tenant
 from app.models.upload_session import UploadFile, UploadSession, UploadStatus
@@ -17,6 +18,8 @@ __all__ = [
     "Evaluation",
     "EvaluationStatus",
     "Expert",
+    "FoldPart",
+    "FoldPartStatus",
     "Stream",
     "Tenant",
     "UploadFile",

@@ -28,6 +28,8 @@ class Stream(Base):
     base_files: Mapped[list[Any] | None] = mapped_column(JSON)
     # Highest version number handed out; bumped with an atomic UPDATE, which also serializes uploads.
     version_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Split every fold into this many parts over the workers (null: by MERGELINE_FOLD_SHARD_BYTES).
+    fold_parts: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     # A replay rebuilds another stream (this one) with its own method, params, order or subset of experts.
     replay_of: Mapped[str | None] = mapped_column(ForeignKey("streams.id", ondelete="CASCADE"), index=True)

@@ -43,6 +43,8 @@ class Version(Base):
     # A folder version: its files as [path, size, sha256] (null: one .safetensors object).
     files: Mapped[list[Any] | None] = mapped_column(JSON)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # A fold split over workers: the reduction's global outcome (OPCM's λ_t) its write phase reads.
+    fold_outcome: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # The fold lease: which worker attempt holds the version, until when (unix seconds).
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_expires_at: Mapped[float | None] = mapped_column(Float)

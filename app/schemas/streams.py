@@ -25,6 +25,10 @@ class StreamCreate(BaseModel):
     champion: ChampionPolicy | None = Field(
         default=None, description="candidates run as replays; @champion follows the best (needs `evaluator`)"
     )
+    fold_parts: int | None = Field(
+        default=None, ge=1, le=4096,
+        description="split every fold into about this many parts over the workers (default: by MERGELINE_FOLD_SHARD_BYTES)",
+    )
 
 
 class ExpertPublic(BaseModel):
@@ -80,6 +84,7 @@ class StreamPublic(BaseModel):
     replay_of: str | None = Field(default=None, description="the stream this one replays")
     evaluator: dict[str, Any] | None = None
     champion: dict[str, Any] | None = Field(default=None, description="the policy, with each candidate's stream_id")
+    fold_parts: int | None = Field(default=None, description="how many parts each fold is split into (null: by size)")
 
     _ser = field_serializer("created_at")(lambda self, v: _utc(v))
 

@@ -158,6 +158,10 @@ def _fold_claimed(ctx: FoldContext, version_id: str, owner: str) -> str:
     scratch.mkdir(parents=True, exist_ok=True)
     try:
         inputs = _read_inputs(ctx, version_id)
+        from app.services import shards
+
+        if shards.split_for(ctx.settings, inputs) is not None:  # the parts' tasks take it from here
+            return shards.start(ctx, inputs, owner)
         result = _run_fold(ctx, inputs, heartbeat, scratch)
         if heartbeat.lost:
             raise LeaseLost(version_id)
@@ -281,25 +285,34 @@ def _store_and_record(ctx: FoldContext, inputs: _FoldInputs, owner: str, result:
         files = checkpoints.store_folder(ctx.store, key, Path(result.out), result.files)
     else:
         ctx.store.put_file(key, Path(result.out), move=True)
+    return record_succeeded(ctx, inputs.version.id, owner, key=key, sha256=result.sha256, size=result.size,
+                            state=result.state, metrics=result.metrics, files=files)
+
+
+def record_succeeded(
+    ctx: FoldContext, version_id: str, owner: str, *, key: str, sha256: str, size: int, state: Any, metrics: Any,
+    files: Any,
+) -> bool:
+    """Flip a version whose objects are all stored to succeeded (False: the lease was lost meanwhile)."""
     with ctx.db.session() as session:
         done = versions_repo.finish(
             session,
-            inputs.version.id,
+            version_id,
             owner=owner,
             status=VersionStatus.succeeded,
             progress=1.0,
             object_key=key,
-            sha256=result.sha256,
-            size=result.size,
-            state=_jsonable(result.state),
-            metrics=_jsonable(result.metrics),
+            sha256=sha256,
+            size=size,
+            state=_jsonable(state),
+            metrics=_jsonable(metrics),
             finished_at=utcnow(),
             files=files,
         )
         if done:  # the stream's evaluator runs as a task of its own, sent after this commit: it never touches the version
             from app.services.evaluations import queue_plugin_evaluation
 
-            queue_plugin_evaluation(session, ctx.queue, inputs.version.id)
+            queue_plugin_evaluation(session, ctx.queue, version_id)
         return done
 
 

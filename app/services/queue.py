@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from typing import Any, Protocol
 
 from celery import Celery
 from sqlalchemy.orm import Session
@@ -19,6 +19,8 @@ class FoldQueue(Protocol):
 
     def send_evaluation(self, evaluation_id: str) -> None: ...
 
+    def send_chord(self, header: list[tuple[str, list[Any]]], callback: tuple[str, list[Any]]) -> None: ...
+
 
 class CeleryFoldQueue:
     def __init__(self, celery: Celery) -> None:
@@ -29,6 +31,19 @@ class CeleryFoldQueue:
 
     def send_evaluation(self, evaluation_id: str) -> None:
         self.celery.send_task(EVALUATE_TASK, args=[evaluation_id])
+
+    def send_chord(self, header: list[tuple[str, list[Any]]], callback: tuple[str, list[Any]]) -> None:
+        """Celery's chord: the header's tasks as a group on any workers, then ``callback`` once all have returned.
+
+        Tasks are named, not imported (the API never imports the workers); signatures are immutable,
+        so the callback takes ids only and re-reads the parts' results from the database.
+        """
+        from celery import chord, group
+
+        def signature(name: str, args: list[Any]) -> Any:
+            return self.celery.signature(name, args=args, immutable=True)
+
+        chord(group([signature(name, args) for name, args in header]), signature(*callback)).apply_async()
 
 
 def fold_after_commit(session: Session, queue: FoldQueue, version_id: str) -> None:

@@ -50,7 +50,8 @@ def create_stream(session: Session, tenant_id: str, body: StreamCreate, settings
             status_code=422,
         )
     stream = streams_repo.add(
-        session, Stream(tenant_id=tenant_id, name=body.name, method=body.method, params=params, evaluator=evaluator)
+        session, Stream(tenant_id=tenant_id, name=body.name, method=body.method, params=params, evaluator=evaluator,
+                        fold_parts=body.fold_parts)
     )
     if body.champion is not None:
         from app.services.replays import create_candidates
@@ -203,6 +204,7 @@ def stream_views(session: Session, streams: list[Stream]) -> list[StreamPublic]:
             replay_of=s.replay_of,
             evaluator=s.evaluator,
             champion=s.champion,
+            fold_parts=s.fold_parts,
         )
         for s in streams
     ]

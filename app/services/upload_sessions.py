@@ -169,10 +169,7 @@ def classify(paths: list[str]) -> str:
 
 def create_session(session: Session, settings: Settings, tenant: str, stream_id: str, body: UploadCreate) -> UploadSession:
     stream = streams_service.get_stream(session, tenant, stream_id)
-    if body.role == "base" and stream.base_sha256:
-        raise Conflict(f"stream {stream.id} already has a base (sha256 {stream.base_sha256}); create a new stream")
-    if body.role == "expert" and not stream.base_sha256:
-        raise Conflict(f"stream {stream.id} has no base yet: upload the base first")
+    uploads_service.check_takes(stream, body.role)
     _check_declared(body, settings)
     kind = classify([f.path for f in body.files])
     now = utcnow()

@@ -275,6 +275,25 @@ def check_upload_header(header: Any) -> None:
     stio.check_mergeable(header.tensors)
 
 
+def check_takes(stream: Stream, role: str) -> None:
+    """Whether the stream takes an upload of this role now (409 with the reason): before any byte is read.
+
+    A replay takes nothing (its base and experts are the original stream's); a base is uploaded
+    once; experts need the base first. ``accept_base``'s conditional UPDATE still decides a race.
+    """
+    if stream.replay_of:
+        if role == "base":
+            raise Conflict(f"stream {stream.id} is a replay of {stream.replay_of}: it takes its base from there", code="replay")
+        raise Conflict(
+            f"stream {stream.id} is a replay of {stream.replay_of}: upload experts there (a replay is fixed at creation)",
+            code="replay",
+        )
+    if role == "base" and stream.base_sha256:
+        raise Conflict(f"stream {stream.id} already has a base (sha256 {stream.base_sha256}); create a new stream for another base")
+    if role == "expert" and not stream.base_sha256:
+        raise Conflict(f"stream {stream.id} has no base yet: upload the base first (PUT /v1/streams/{stream.id}/base or an upload session)")
+
+
 def accept_base(session: Session, store: ObjectStore, stream: Stream, spooled: ReceivedCheckpoint) -> Version:
     """Make the upload the stream's base (version 0); 409 if it already has one."""
     if not streams_repo.set_base(

@@ -77,7 +77,9 @@ def build(root: Path, *, shard_size: str = "20MB") -> Checkpoints:
                    modules_to_save=["pooler"]),
     ]
     for number, config in enumerate(configs, start=1):
-        peft_model = get_peft_model(AutoModel.from_pretrained(base), config)
+        with torch.random.fork_rng():  # PEFT draws lora_A from the global generator: the same A every run
+            torch.manual_seed(100 + number)
+            peft_model = get_peft_model(AutoModel.from_pretrained(base), config)
         with torch.no_grad():
             for name, parameter in peft_model.named_parameters():
                 if "lora_B" in name:

@@ -116,7 +116,11 @@ def test_version_folders_load_and_equal_the_offline_merge(ckpts, tmp_path):
         worst = max(float((weights[k].double() - reference[k].double()).abs().max()) for k in reference)
         tolerance = 1e-6 if version <= 2 else 1e-5
         assert worst <= tolerance, f"version {version}: {worst}"
-        assert task_relative_error(weights, reference, ckpts.base_sd) <= 1e-5
+        # versions 3 and 4 fold the adapters, which OPCM takes through their factors (Δᵀτ as (ΔᵀL)R):
+        # another float32 rounding of the projection than the reference's, each ~5e-6 from the float64
+        # fold on these Δ (condition up to 2e4, see the factors test below); measured 2e-6 to 1.5e-5
+        error = task_relative_error(weights, reference, ckpts.base_sd)
+        assert error <= (1e-6 if version <= 2 else 3e-5), f"version {version}: relative error {error:.2e}"
 
         # loadable as it stands, and the same sentence embeddings as the offline merge
         model, loading = AutoModel.from_pretrained(folder, output_loading_info=True)
@@ -148,3 +152,58 @@ def test_every_method_folds_an_adapter_as_its_merged_model(ckpts, tmp_path, meth
         if version >= 2:
             moved = task_relative_error(references[version - 2], reference, ckpts.base_sd)
             assert moved > 1e-3, "the adapter changed nothing: the comparison would prove nothing"
+
+
+def exact_expert(ckpts, adapter) -> dict:
+    """An adapter's expert θ₀ + s·BA (and its modules_to_save) in float64, through the library's own reader."""
+    from app.merging import safetensors_io as stio
+    from app.merging.engine import _DictSource
+    from app.merging.lora import AdapterSource, plan_adapter, parse_config
+
+    base = _DictSource({k: v.double() if v.is_floating_point() else v for k, v in ckpts.base_sd.items()})
+    weights = stio.open_checkpoint(adapter / "adapter_model.safetensors")
+    source = AdapterSource(base, weights, plan_adapter(base.tensors, parse_config(
+        (adapter / "adapter_config.json").read_bytes()), weights.tensors))
+    try:
+        return {name: source.read(name).double() if source.tensors[name].is_floating else source.read(name)
+                for name in source.names()}
+    finally:
+        source.close()
+
+
+def test_opcm_folds_adapters_from_their_factors_as_if_densified(ckpts, tmp_path):
+    # DESIGN §4.1: OPCM takes a LoRA target's τ = s·B·A through its factors (no m×n×k product with
+    # τ); it must write what folding the densified adapter writes. Versions 1 and 2 full experts
+    # (Δ dense, condition up to ~2e4 on the 384×384 targets), then each adapter as version 3: the
+    # plain one on the Gram route ("auto", against a float64 fold too), the rsLoRA one (384×1536
+    # and 384×384 targets, modules_to_save) on LAPACK's ("svd").
+    previous, state = None, None
+    for version, expert in enumerate(ckpts.experts[:2], start=1):
+        result = fold_checkpoint("opcm", None, ckpts.base, previous, expert, state, tmp_path / f"v{version}", version,
+                                 device="cpu")
+        previous, state = result.out, result.state
+    for adapter, svd_method in ((ckpts.experts[2], "auto"), (ckpts.experts[3], "svd")):
+        outs = {}
+        for factored in (True, False):
+            result = fold_checkpoint("opcm", None, ckpts.base, previous, adapter, state,
+                                     tmp_path / f"{svd_method}-{factored}", 3, device="cpu",
+                                     svd_method=svd_method, low_rank=factored)
+            outs[factored] = (minilm.load_state_dict(result.out), result.metrics)
+        (factored, metrics), (densified, reference) = outs[True], outs[False]
+        assert reference["low_rank_tensors"] == 0 and metrics["low_rank_tensors"] == 12  # 2 modules × 6 layers
+        assert metrics["projected_tensors"] == reference["projected_tensors"] >= 12
+        assert metrics["lambda"] == pytest.approx(reference["lambda"], rel=1e-6)
+        # the projection did remove part of the adapter's τ, the same part both ways
+        assert metrics["removed_fraction"] == pytest.approx(reference["removed_fraction"], rel=1e-4)
+        assert metrics["removed_fraction"] > 1e-4
+        error = task_relative_error(factored, densified, ckpts.base_sd)
+        assert error <= 1e-5, f"{adapter.name} ({svd_method}): relative error {error:.2e}"
+        if svd_method == "auto":
+            # the same fold in float64 (LAPACK's SVD, τ exact): the factored float32 fold is no further
+            # from it than the densified one (measured 2.7e-6 and 2.8e-6)
+            base64 = {k: v.double() for k, v in ckpts.base_sd.items()}
+            previous64 = {k: v.double() for k, v in minilm.load_state_dict(previous).items()}
+            truth, _, _ = fold_state_dicts("opcm", None, base64, previous64, exact_expert(ckpts, adapter), state, 3)
+            factored_error = task_relative_error(factored, truth, ckpts.base_sd)
+            densified_error = task_relative_error(densified, truth, ckpts.base_sd)
+            assert factored_error <= 1.5 * densified_error + 1e-7, (factored_error, densified_error)

@@ -15,8 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from app.merging import fold_checkpoint
-from app.merging import folders
+from app.merging import fold_checkpoint, folders
 from app.merging import parts as P
 from app.merging import safetensors_io as stio
 from app.merging.errors import NonFiniteTensor
@@ -130,7 +129,7 @@ def test_parts_under_a_memory_budget_stream_a_tensor_and_keep_the_bytes(tmp_path
     for i, p in enumerate(paths[1:], start=1):
         save_file(_expert(base, i), str(p))
     budget = 64 * 1024 * 1024
-    results, previous, state = [], None, None
+    previous, state = None, None
     for t, expert in enumerate(paths[1:], start=1):
         single = fold_checkpoint("opcm", {}, paths[0], previous, expert, state, tmp_path / f"s{t}.safetensors", t,
                                  device="cpu", scratch_dir=tmp_path, memory_budget=budget)

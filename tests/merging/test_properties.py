@@ -187,3 +187,25 @@ def test_metrics_cosine_and_removed_fraction():
     assert m2["cosine_previous"] == pytest.approx(1.0)
     # τ₂ = Δ: its coordinates in Δ's bases are diagonal, all removed
     assert m2["removed_fraction"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96), (48, 48)])
+@pytest.mark.parametrize("method", ["gram", "svd", "auto"])
+def test_a_factored_task_vector_projects_as_its_product(shape, method):
+    # DESIGN §4.1: τ = L R given as its factors (a LoRA target) projects exactly as τ formed whole,
+    # tall, wide and square, on both routes; in float64 the two agree to rounding
+    g = torch.Generator().manual_seed(7)
+    m, n = shape
+    delta = torch.randn(m, n, generator=g, dtype=torch.float64)
+    left, right = torch.randn(m, 4, generator=g, dtype=torch.float64), torch.randn(4, n, generator=g, dtype=torch.float64)
+    tau = left @ right
+    whole, r_whole, removed_whole = project_task_vector(delta, tau, alpha=0.5, svd_method=method)
+    factored, r, removed = project_task_vector(delta, tau.clone(), alpha=0.5, svd_method=method, factors=(left, right))
+    assert r == r_whole and removed == pytest.approx(removed_whole, rel=1e-10)
+    assert float((factored - whole).norm() / whole.norm()) <= 1e-12
+    assert float((tau - factored).norm()) > 1e-3 * float(tau.norm())  # the projection did act
+    # float32, as a fold computes: within float32 rounding of the dense path
+    f32 = [x.float() for x in (delta, tau, left, right)]
+    whole32, _, _ = project_task_vector(f32[0], f32[1], alpha=0.5, svd_method=method)
+    factored32, _, _ = project_task_vector(f32[0], f32[1].clone(), alpha=0.5, svd_method=method, factors=(f32[2], f32[3]))
+    assert float((factored32.double() - whole).norm() / whole.norm()) <= 1e-5

@@ -137,6 +137,16 @@ def check_routes(api, stream_id, number, manifest, fetched) -> None:  # noqa: AN
             assert archive.extractfile(f"{stream_id}-v{number}/{path}").read() == (fetched / path).read_bytes()
 
 
+def lying_total_size(sd, root: Path) -> Path:
+    """A sharded folder whose index claims one byte more than its shards hold."""
+    folder = save_folder(sd, root, shards=2)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["metadata"]["total_size"] = sum(t.numel() * t.element_size() for t in sd.values()) + 1
+    index_path.write_text(json.dumps(index))
+    return folder
+
+
 @pytest.mark.parametrize(
     ("make", "code", "words"),
     [
@@ -145,8 +155,9 @@ def check_routes(api, stream_id, number, manifest, fetched) -> None:  # noqa: AN
          "invalid_adapter", "gate"),
         (lambda sd, root: save_folder({**sd, "extra.weight": torch.zeros(2)}, root, shards=2), "key_mismatch",
          "extra.weight"),
+        (lying_total_size, "invalid_folder", "metadata.total_size"),
     ],
-    ids=["dora", "absent-target", "extra-key"],
+    ids=["dora", "absent-target", "extra-key", "total-size"],
 )
 def test_bad_folders_are_refused_at_complete_and_change_nothing(api, tmp_path, make, code, words):  # noqa: F811
     sd = tiny_base()
@@ -159,3 +170,15 @@ def test_bad_folders_are_refused_at_complete_and_change_nothing(api, tmp_path, m
     experts, versions, keys = state(api, stream_id)[2:]
     assert (experts, versions) == before[:2]
     assert not [k for k in keys if "/experts/" in k]
+
+
+def test_a_base_whose_index_misstates_its_total_size_is_refused(api, tmp_path):  # noqa: F811
+    sd = tiny_base()
+    stream_id = api.client.post("/v1/streams", json={"name": "s"}, headers=api.headers()).json()["id"]
+    r = upload(api, stream_id, lying_total_size(sd, tmp_path / "base"), role="base")
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_folder", r.text
+    assert "metadata.total_size" in r.json()["error"]["message"] and "bytes of tensor data" in r.json()["error"]["message"]
+    _, _, experts, versions, keys = state(api, stream_id)
+    assert (experts, versions) == (0, 0) and not [k for k in keys if "/uploads/" not in k]
+    versions = api.client.get(f"/v1/streams/{stream_id}/versions", headers=api.headers()).json()["versions"]
+    assert versions == []

@@ -122,6 +122,15 @@ async def get_stream(stream_id: str, read: ReaderDep, tenant: TenantDep) -> Stre
     return await read(_stream_view, tenant, stream_id)
 
 
+async def _refuse_unless_takes(request: Request, stream: Any, role: str) -> None:
+    """The service's 409 when the stream takes no upload of this role, after draining the body (so the client reads it)."""
+    try:
+        uploads_service.check_takes(stream, role)
+    except Conflict:
+        await _drain(request.stream(), _declared_length(request))
+        raise
+
+
 @router.put(
     "/{stream_id}/base",
     status_code=201,
@@ -134,12 +143,7 @@ async def upload_base(
 ) -> VersionPublic:
     """Upload the base checkpoint (version 0). Once per stream: a second PUT is 409."""
     stream = await run_in_threadpool(streams_service.get_stream, session, tenant, stream_id)
-    if stream.replay_of:
-        await _drain(request.stream(), _declared_length(request))
-        raise Conflict(f"stream {stream_id} is a replay of {stream.replay_of}: it takes its base from there", code="replay")
-    if stream.base_sha256:
-        await _drain(request.stream(), _declared_length(request))
-        raise Conflict(f"stream {stream_id} already has a base (sha256 {stream.base_sha256})")
+    await _refuse_unless_takes(request, stream, "base")
     spooled = await _receive(request, runtime)
     try:
         version = await run_in_threadpool(uploads_service.accept_base, session, store, stream, spooled)
@@ -176,15 +180,7 @@ async def upload_expert(
     from app.merging import safetensors_io as stio
 
     stream = await run_in_threadpool(streams_service.get_stream, session, tenant, stream_id)
-    if stream.replay_of:
-        await _drain(request.stream(), _declared_length(request))
-        raise Conflict(
-            f"stream {stream_id} is a replay of {stream.replay_of}: upload experts there (a replay is fixed at creation)",
-            code="replay",
-        )
-    if not stream.base_sha256:
-        await _drain(request.stream(), _declared_length(request))
-        raise Conflict(f"stream {stream_id} has no base yet: PUT /v1/streams/{stream_id}/base first")
+    await _refuse_unless_takes(request, stream, "expert")
     base_header = _base_header(stream.id, stream.base_sha256, stream.base_header)
     spooled = await _receive(request, runtime, lambda header: stio.check_compatible(base_header, header))
     try:

@@ -17,6 +17,7 @@ from app.merging.protocol import (
     BlockedTensorUpdate,
     FoldState,
     FoldTotals,
+    LowRankTensorUpdate,
     MergeMethod,
     Regex,
     TensorFold,
@@ -145,7 +146,13 @@ def _removed_block(x: Tensor, vh: Tensor, r: int) -> Tensor:
 
 
 def project_task_vector(
-    delta: Tensor, task: Tensor, *, alpha: float, svd_method: str = "auto", inplace: bool = False
+    delta: Tensor,
+    task: Tensor,
+    *,
+    alpha: float,
+    svd_method: str = "auto",
+    inplace: bool = False,
+    factors: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, int, float]:
     r"""Project a task vector off the previous merged task vector's principal directions.
 
@@ -167,23 +174,33 @@ def project_task_vector(
     :math:`U M V^\top = \Delta\,(V S^{-1} M V^\top)` — three m×n×n products and n×n work,
     and no m×k basis in memory (a wide Δ is handled as its transpose).
 
+    ``factors`` = (L, R), L m×r and R r×n with τ = L R (a LoRA expert, DESIGN §4.1): the products
+    with τ are taken through them, :math:`\Delta^\top\tau = (\Delta^\top L) R` on the Gram route and
+    :math:`U^\top\tau = (U^\top L) R` on LAPACK's, r(m + n)·k work instead of m·n·k; τ̃ is then
+    τ minus the same correction.
+
     Returns τ̃ (written over ``task`` when ``inplace``), r, and :math:`\|\tau - \tilde\tau\|^2 = \|M\|^2`
     (exact because U and V are orthonormal), accumulated in float64.
     """
     wide = delta.shape[0] < delta.shape[1]
     out = task if inplace else task.clone()
     d, t = (delta.T, out.T) if wide else (delta, out)  # views, m ≥ n
+    # what the products with τ read: τ's own rows, or, factored, the rows of P in τ = P Q (tall)
+    rows, right = t, None
+    if factors is not None:
+        left, right = factors
+        rows, right = (right.T, left.T) if wide else (left, right)
     if svd_method == "gram" or (svd_method == "auto" and delta.dtype != torch.float64):
-        blocks = [(d[start : start + _ROW_BLOCK], t[start : start + _ROW_BLOCK]) for start in range(0, d.shape[0], _ROW_BLOCK)]
-        found = gram_projection(blocks, d.shape[1], alpha=alpha, strict=svd_method == "gram")
+        blocks = [(d[start : start + _ROW_BLOCK], rows[start : start + _ROW_BLOCK]) for start in range(0, d.shape[0], _ROW_BLOCK)]
+        found = gram_projection(blocks, d.shape[1], alpha=alpha, strict=svd_method == "gram", right=right)
         if found is not None:
             kernel, r, removed_sq = found
-            for d_block, t_block in blocks:  # rows of the tall orientation: τ̃ = τ − Δ·K
-                t_block -= d_block @ kernel
+            for start in range(0, d.shape[0], _ROW_BLOCK):  # rows of the tall orientation: τ̃ = τ − Δ·K
+                t[start : start + _ROW_BLOCK] -= d[start : start + _ROW_BLOCK] @ kernel
             return out, r, removed_sq
     u, s, vh = economy_svd(d, method="svd")
     r = split_rank(s, alpha=alpha)
-    removed = _removed_block(u.T @ t, vh, r)
+    removed = _removed_block(u.T @ t if right is None else (u.T @ rows) @ right, vh, r)
     # an explicit, orthonormal U: Δ may be rank-deficient here, so U ≠ Δ V S⁻¹
     back = removed @ vh  # k×n: M Vᵀ
     removed_sq = float(torch.linalg.vector_norm(removed, dtype=torch.float64) ** 2)
@@ -195,7 +212,7 @@ def project_task_vector(
 
 
 def gram_projection(
-    blocks: Iterable[tuple[Tensor, Tensor]], n: int, *, alpha: float, strict: bool = False
+    blocks: Iterable[tuple[Tensor, Tensor]], n: int, *, alpha: float, strict: bool = False, right: Tensor | None = None
 ) -> tuple[Tensor, int, float] | None:
     r"""The Gram route's n×n kernel K (τ̃ = τ − Δ·K in the tall orientation), r and ‖M‖², from row blocks.
 
@@ -205,6 +222,8 @@ def gram_projection(
     in-memory fold writes. Accumulates :math:`\Delta^	op\Delta` (float64) and :math:`\Delta^	op	au`
     block by block; only these n×n matrices and the eigendecomposition are ever whole.
     None when Δ is rank-deficient (and not ``strict``): the caller needs LAPACK's SVD then.
+    ``right``: τ is factored, τ = P Q with Q = ``right`` (r×n), and the blocks hold rows of P
+    instead of τ's: :math:`\Delta^\top P` (n×r) accumulates, and :math:`\Delta^\top\tau = (\Delta^\top P) Q`.
     """
     gram = cross = None
     for d_block, t_block in blocks:
@@ -214,6 +233,8 @@ def gram_projection(
         gram.addmm_(block.T, block)
         del block
         cross = d_block.T @ t_block if cross is None else cross.addmm_(d_block.T, t_block)
+    if right is not None:
+        cross = cross @ right
     found = _eigh_of_gram(gram, strict=strict)
     del gram  # n×n float64: the largest thing a streamed projection holds
     if found is None:
@@ -240,6 +261,7 @@ def opcm_update(
     linear: bool,
     svd_method: str = "auto",
     inplace: bool = False,
+    factors: tuple[Tensor, Tensor] | None = None,
     delta_nonzero: bool | None = None,
 ) -> tuple[Tensor, int | None, float]:
     r"""One tensor of OPCM's unscaled update :math:`D = \lambda_{t-1}\Delta + \tilde\tau_t`.
@@ -258,14 +280,19 @@ def opcm_update(
     :math:`\theta^{(t)} = \theta_0 + D / \lambda_t` — so the merged task vector's norm is the mean
     expert norm after every fold. Version 1 is the first expert itself, with :math:`\lambda_1 = 1`.
 
+    ``factors`` (L, R) with τ = L R: the projection takes its products with τ through them
+    (:func:`project_task_vector`).
     ``delta_nonzero``: whether Δ has a non-zero element, when the caller already knows (else it is checked).
+
     Returns D (over ``task`` when ``inplace``), r (None when nothing was projected) and the squared
     norm the projection removed.
     """
     r: int | None = None
     removed_sq = 0.0
     if linear and task.ndim == 2 and (delta_nonzero if delta_nonzero is not None else bool(delta.any())):
-        task, r, removed_sq = project_task_vector(delta, task, alpha=alpha, svd_method=svd_method, inplace=inplace)
+        task, r, removed_sq = project_task_vector(
+            delta, task, alpha=alpha, svd_method=svd_method, inplace=inplace, factors=factors
+        )
     elif not inplace:
         task = task.clone()
     task.add_(delta, alpha=lambda_prev)
@@ -289,6 +316,7 @@ class OPCM(MergeMethod):
     State = OPCMState
     elementwise = True  # t = 1 copies the expert; finish_tensor is D / λ_t + θ₀
     blocked_update = True
+    low_rank_update = True
 
     def __init__(self, params: OPCMParams, state: OPCMState | None, t: int) -> None:
         super().__init__(params, state, t)
@@ -312,17 +340,27 @@ class OPCM(MergeMethod):
     def has_global_step(self) -> bool:
         return self.t >= 2
 
-    def update_tensor(self, x: TensorUpdate) -> Tensor:
+    def update_tensor(self, x: TensorUpdate, factors: tuple[Tensor, Tensor] | None = None) -> Tensor:
         if x.linear:
             self.linear_expert_sq += x.task_sq
         update, r, removed_sq = opcm_update(
             x.delta, x.task, alpha=self.params.alpha, lambda_prev=self.lambda_prev, linear=x.linear,
-            svd_method=x.svd_method, inplace=True, delta_nonzero=x.delta_nonzero,
+            svd_method=x.svd_method, inplace=True, factors=factors, delta_nonzero=x.delta_nonzero,
         )
         if r is not None:
             self.removed_sq += removed_sq
             self.split_ranks.append(r / min(x.task.shape))
         return update
+
+    def update_tensor_low_rank(self, x: LowRankTensorUpdate) -> Tensor:
+        r"""A LoRA target's update (DESIGN §4.1): the projection's products with τ = L R go through the factors.
+
+        τ itself is formed once (m·n·r), for τ̃ = τ − U M Vᵀ; what is saved is the m·n·k product
+        Δᵀτ (or Uᵀτ), taken as (ΔᵀL)R, and is worth it when r(m + n) < m·n.
+        """
+        m, n = x.delta.shape
+        rank = x.left.shape[1]
+        return self.update_tensor(x.dense(), factors=(x.left, x.right) if rank * (m + n) < m * n else None)
 
     def update_tensor_blocked(self, x: BlockedTensorUpdate) -> None:
         """:meth:`update_tensor` for a tensor streamed in blocks: Gram and Δᵀτ accumulate block by block."""

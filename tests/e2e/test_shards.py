@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from app.merging import fold_checkpoint
+from tests.conftest import settings_env
 from tests.faults.conftest import cluster_factory, sha256_file, wait_for_status  # noqa: F401 - the fixture
 
 PART_SECONDS = 1.0  # each part is paced to this, so that three workers share every phase
@@ -94,3 +95,32 @@ def test_three_workers_fold_one_version_in_six_parts_like_one_worker(
             assert len({r["worker"] for r in rows}) >= 2, rows  # the parts were shared out
         expect_exact_objects_soon(c, sid)
         assert done["metrics"]["parts"] >= 6 and done["metrics"]["lambda"] != 1.0
+
+
+def test_embedded_serve_folds_a_stream_in_parts_like_one_worker(tmp_path: Path, start_api) -> None:  # noqa: F811
+    """``mergeline serve`` alone: the SQLAlchemy broker, chords counted on the SQLite result backend."""
+    import httpx
+
+    data = tmp_path / "var"
+    url = start_api(settings_env(data_dir=data, device="cpu", log_level="INFO"), serve=True)
+    base, experts = shard_inputs(tmp_path, 2)
+    with httpx.Client(base_url=url, timeout=60) as client:
+        r = client.post("/v1/streams", json={"name": "embedded", "fold_parts": 4})
+        sid = r.json()["id"]
+        assert client.put(f"/v1/streams/{sid}/base", content=base.read_bytes()).status_code == 201
+        reference = single_worker_chain(tmp_path, base, experts, sid)
+        for n, expert in enumerate(experts, start=1):
+            assert client.post(f"/v1/streams/{sid}/experts", content=expert.read_bytes()).status_code == 202
+            deadline = time.monotonic() + 180
+            while (v := client.get(f"/v1/streams/{sid}/versions/{n}").json())["status"] not in ("succeeded", "failed"):
+                assert time.monotonic() < deadline, v
+                time.sleep(0.25)
+            assert v["status"] == "succeeded" and v["sha256"] == reference[n - 1], v
+            assert v["metrics"]["parts"] >= 4
+    versions = data / "objects" / "streams" / sid / "versions"
+    deadline = time.monotonic() + 15
+    while sorted(p.name for p in versions.iterdir() if p.is_file()) != ["1.safetensors", "2.safetensors"] or any(
+        p.is_file() for p in versions.rglob("*.parts/*")
+    ):
+        assert time.monotonic() < deadline, sorted(str(p) for p in versions.rglob("*"))
+        time.sleep(0.2)

@@ -89,6 +89,10 @@ def test_worker_killed_mid_part_is_redone_once_with_identical_bytes(
 
     recovery = [f["recovered_s"] for f in figures]
     result = {
+        "command": "MERGELINE_TEST_FULL=1 MERGELINE_SHARD_KILL_JSON=bench/results/shard_kill.json "
+                   "pytest tests/faults/test_shard_crash.py",
+        "recovered_s": "from the kill to the version's success: the rest of the fold (parts paced to part_seconds) "
+                       "plus the wait for the part's re-delivery or for the version's lease to lapse",
         "trials": trials,
         "workers": 3,
         "parts_per_phase": 6,

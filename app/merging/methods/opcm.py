@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -356,10 +357,14 @@ class OPCM(MergeMethod):
         r"""A LoRA target's update (DESIGN §4.1): the projection's products with τ = L R go through the factors.
 
         τ itself is formed once (m·n·r), for τ̃ = τ − U M Vᵀ; what is saved is the m·n·k product
-        Δᵀτ (or Uᵀτ), taken as (ΔᵀL)R, and is worth it when r(m + n) < m·n.
+        Δᵀτ (or Uᵀτ), taken as (ΔᵀL)R, and is worth it when r(m + n) < m·n. A matrix the adapter
+        does not touch comes as rank 0: its τ̃ is 0 without decomposing Δ (the densified fold
+        projects the zero τ to the same zero, so the bytes agree; it is not counted as projected).
         """
         m, n = x.delta.shape
         rank = x.left.shape[1]
+        if rank == 0:  # a matrix the adapter leaves alone: τ = 0, so τ̃ = 0 whatever Δ and D = λ_{t−1}Δ
+            return self.update_tensor(dataclasses.replace(x.dense(), linear=False))
         return self.update_tensor(x.dense(), factors=(x.left, x.right) if rank * (m + n) < m * n else None)
 
     def update_tensor_blocked(self, x: BlockedTensorUpdate) -> None:

@@ -91,17 +91,40 @@ def run_config(work: Path, db_url: str, queue: str, base: Path, experts: list[Pa
         versions = []
         objects = work / "objects"
         for row in rows:
-            parts_rows = c.sql("SELECT phase, index, spec, object_key, size, seconds, worker, partial FROM fold_parts "
-                               "WHERE version_id = :v", v=row["id"])
+            parts_rows = c.sql("SELECT phase, index, spec, object_key, size, seconds, worker, partial, finished_at "
+                               "FROM fold_parts WHERE version_id = :v", v=row["id"])
+            timeline = phase_timeline(row, parts_rows)
             versions.append({
                 "number": row["number"], "sha256": row["sha256"],
                 "data_sha256": data_sha256(objects / row["object_key"]),
                 "seconds": (row["finished_at"] - row["started_at"]).total_seconds(),
-                "lambda": row["metrics"].get("lambda"), "state": row["state"], "parts": parts_rows,
+                "lambda": row["metrics"].get("lambda"), "state": row["state"], "timeline": timeline,
+                "parts": [{k: v for k, v in p.items() if k != "finished_at"} for p in parts_rows],
             })
         return {"workers": workers, "threads_per_worker": threads, "parts": parts, "stream": sid, "versions": versions}
     finally:
         c.stop()
+
+
+def phase_timeline(row: dict, parts: list[dict]) -> dict:
+    """Where a split fold's wall time went: planning, each phase, the reduction's hop, the finish (seconds)."""
+    if not parts:
+        return {}
+    t0 = row["started_at"]
+
+    def at(when) -> float:  # noqa: ANN001
+        return round((when - t0).total_seconds(), 3)
+
+    out = {}
+    for phase in ("fold", "update", "write"):
+        mine = [p for p in parts if p["phase"] == phase]
+        if mine:
+            out[f"{phase}_first_start_s"] = round(min(at(p["finished_at"]) - p["seconds"] for p in mine), 3)
+            out[f"{phase}_last_end_s"] = max(at(p["finished_at"]) for p in mine)
+    if "update_last_end_s" in out:
+        out["reduction_hop_s"] = round(out["write_first_start_s"] - out["update_last_end_s"], 3)
+    out["finish_s"] = round(at(row["finished_at"]) - max(at(p["finished_at"]) for p in parts), 3)
+    return out
 
 
 def single_worker_tensor_shas(work: Path, base: Path, experts: list[Path], threads: int) -> list[str]:
@@ -247,6 +270,7 @@ def main() -> None:
             }
             if run["parts"]:
                 middle = timed[len(timed) // 2]
+                entry[f"timeline_version_{middle['number']}"] = middle["timeline"]
                 workers = per_worker(middle, tensor_bytes, update_bytes)
                 entry[f"per_worker_version_{middle['number']}"] = workers
                 entry["part_seconds_sum_median"] = round(statistics.median(

@@ -5,7 +5,9 @@ A plugin of the ``mergeline.evaluators`` entry-point group (name ``text-classifi
     evaluate(model_dir, *, device="cpu", params={"bundle": "/path/tasks.safetensors"}) -> {"<task>": acc, ..., "mean": acc}
 
 ``params``: ``bundle`` (required), ``threads`` (torch CPU threads for this process), ``attention_heads``
-(for a whole encoder without a config.json beside it; default 12, MiniLM's).
+(for an encoder without a config.json beside it; default 12, MiniLM's), ``compute_dtype`` (``"float32"``,
+the default, or ``"bfloat16"``: the matrix products under CPU/GPU autocast, which Xeons with AMX run
+several times faster; weights and LayerNorms stay float32).
 
 ``model_dir`` is what a version downloads as: a Hugging Face model folder (``*.safetensors`` shards
 beside ``config.json``) or a single ``.safetensors`` file. The **bundle** holds everything else the
@@ -17,9 +19,10 @@ encoder's hidden states where that top begins.
 Two checkpoint shapes are understood:
 
 - a whole BERT encoder (``embeddings.*`` and every ``encoder.layer.N.*``): the tokens are run through it;
-- only the last layer's feed-forward block (``encoder.layer.L.intermediate.*`` and ``.output.*``),
-  which is what the MiniLM benchmark fine-tunes: the bundle's cached inputs of that block
-  (the base's attention output of layer L, per token) are run through it.
+- only the top layers ``encoder.layer.F.*`` … ``encoder.layer.N-1.*``, whole (attention and
+  feed-forward), which is what the MiniLM benchmark fine-tunes: the bundle's cached inputs of
+  layer F (the base's hidden states after layer F − 1, per token; bundle metadata ``first_layer``)
+  are run through them.
 
 The forward is BERT's (post-LayerNorm blocks, exact-erf GELU), followed by sentence-transformers'
 mean pooling over the real tokens and L2 normalisation — all-MiniLM-L6-v2's sentence embedding.
@@ -44,6 +47,10 @@ from torch.nn import functional as F
 LAYER_NORM_EPS = 1e-12
 FFN_PARTS = ("intermediate.dense.weight", "intermediate.dense.bias", "output.dense.weight", "output.dense.bias",
              "output.LayerNorm.weight", "output.LayerNorm.bias")
+ATTENTION_PARTS = tuple(f"attention.self.{n}.{p}" for n in ("query", "key", "value") for p in ("weight", "bias")) + (
+    "attention.output.dense.weight", "attention.output.dense.bias", "attention.output.LayerNorm.weight",
+    "attention.output.LayerNorm.bias")
+COMPUTE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 class EvaluatorInputError(ValueError):
@@ -59,15 +66,16 @@ class TaskData:
     ids: Tensor
     lengths: Tensor
     labels: Tensor
-    # The base encoder's per-token input to the top block (flat, one row per token), when the bundle caches it.
+    # The base encoder's per-token input to the first top layer (flat, one row per token), when the bundle caches it.
     cached: Tensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------- the encoder
 
 
-def ffn_keys(layer: int) -> list[str]:
-    return [f"encoder.layer.{layer}.{part}" for part in FFN_PARTS]
+def layer_keys(layer: int) -> list[str]:
+    """Every tensor of one whole BERT layer: its self-attention half, then its feed-forward half."""
+    return [f"encoder.layer.{layer}.{part}" for part in ATTENTION_PARTS + FFN_PARTS]
 
 
 def num_layers(state: Mapping[str, Tensor]) -> int:
@@ -114,16 +122,29 @@ def pad(ids: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
     return padded, mask
 
 
-def top_inputs(ids: Tensor, lengths: Tensor, state: Mapping[str, Tensor], heads: int) -> Tensor:
-    """Every layer up to the last one's attention: the per-token input of the last feed-forward block, flat."""
+def layer_inputs(ids: Tensor, lengths: Tensor, state: Mapping[str, Tensor], heads: int, first: int) -> Tensor:
+    """The embeddings and layers 0 … ``first`` − 1: the per-token input of layer ``first``, flat (real tokens only)."""
     padded, mask = pad(ids, lengths)
     x = embed(padded, state)
-    last = num_layers(state) - 1
-    for layer in range(last):
+    for layer in range(first):
         x = feed_forward(attention(x, mask, state, layer, heads), state, layer)
-    return attention(x, mask, state, last, heads)[mask]
+    return x[mask]
 
 
+def pad_rows(rows: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+    """Flat per-token rows (tokens, D) and lengths → padded (B, T, D) and the (B, T) mask of real tokens."""
+    t = int(lengths.max())
+    mask = torch.arange(t, device=rows.device)[None, :] < lengths.to(rows.device)[:, None]
+    padded = rows.new_zeros(len(lengths), t, rows.shape[1])
+    padded[mask] = rows
+    return padded, mask
+
+
+def run_layers(x: Tensor, mask: Tensor, state: Mapping[str, Tensor], layers: range, heads: int) -> Tensor:
+    """Whole BERT layers over padded (B, T, D) hidden states (differentiable: the benchmark trains through it)."""
+    for layer in layers:
+        x = feed_forward(attention(x, mask, state, layer, heads), state, layer)
+    return x
 def pool(tokens: Tensor, lengths: Tensor) -> Tensor:
     """Mean over each example's tokens (flat rows, grouped by ``lengths``), then L2-normalised."""
     segment = torch.repeat_interleave(torch.arange(len(lengths), device=tokens.device), lengths.to(tokens.device))
@@ -133,32 +154,60 @@ def pool(tokens: Tensor, lengths: Tensor) -> Tensor:
 
 def sentence_embeddings(ids: Tensor, lengths: Tensor, state: Mapping[str, Tensor], heads: int, batch: int = 256) -> Tensor:
     """all-MiniLM-L6-v2's sentence embeddings of flat token ids, in batches of ``batch`` examples."""
-    last = num_layers(state) - 1
+    layers = num_layers(state)
     starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     out = []
     for i in range(0, len(lengths), batch):
         chunk = lengths[i : i + batch]
-        a = top_inputs(ids[starts[i] : starts[i + len(chunk)]], chunk, state, heads)
-        out.append(pool(feed_forward(a, state, last), chunk))
+        padded, mask = pad(ids[starts[i] : starts[i + len(chunk)]], chunk)
+        x = run_layers(embed(padded, state), mask, state, range(layers), heads)
+        out.append(pool(x[mask], chunk))
     return torch.cat(out)
 
 
-def top_embeddings(cached: Tensor, lengths: Tensor, state: Mapping[str, Tensor], layer: int, batch: int = 512) -> Tensor:
-    """Sentence embeddings from the cached inputs of the last feed-forward block (flat tokens) and its weights."""
+def _matrices_in(state: Mapping[str, Tensor], dtype: torch.dtype | None) -> dict[str, Tensor]:
+    """The 2-D weights cast once to the autocast dtype (autocast would recast them on every call)."""
+    if dtype is None:
+        return dict(state)
+    return {k: v.to(dtype) if v.ndim == 2 and "LayerNorm" not in k else v for k, v in state.items()}
+
+
+def token_rows(starts: Tensor, examples: Tensor, lengths: Tensor) -> Tensor:
+    """The flat token rows of the chosen examples, example after example (``starts``: each example's first row)."""
+    within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    return torch.repeat_interleave(starts[examples], lengths) + within
+
+
+@torch.no_grad()
+def top_embeddings(cached: Tensor, lengths: Tensor, state: Mapping[str, Tensor], first: int, heads: int = 12,
+                   batch: int = 256, dtype: torch.dtype | None = None) -> Tensor:
+    """Sentence embeddings from the cached inputs of layer ``first`` (flat tokens), through the top layers of ``state``.
+
+    Examples are batched in order of length (less padding); the result is in the input order and
+    depends only on the examples given, not on their order.
+    """
+    layers = range(first, num_layers(state))
+    weights = _matrices_in(state, dtype)
     starts = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-    out = []
-    for i in range(0, len(lengths), batch):
-        chunk = lengths[i : i + batch]
-        a = cached[starts[i] : starts[i + len(chunk)]].to(torch.float32)
-        out.append(pool(feed_forward(a, state, layer), chunk))
-    return torch.cat(out)
+    by_length = torch.sort(lengths, stable=True).indices
+    out = torch.empty(len(lengths), cached.shape[1], dtype=torch.float32, device=cached.device)
+    with torch.autocast(cached.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        for i in range(0, len(lengths), batch):
+            chosen = by_length[i : i + batch]
+            chunk = lengths[chosen]
+            rows = token_rows(starts, chosen, chunk)
+            x, mask = pad_rows(cached[rows.to(cached.device)].to(torch.float32), chunk)
+            x = run_layers(x, mask, weights, layers, heads)
+            out[chosen.to(cached.device)] = pool(x[mask].to(torch.float32), chunk)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- the bundle
 
 
-def save_bundle(path: Path, tasks: Mapping[str, TaskData], *, top_layer: int | None = None) -> Path:
-    """Write the evaluator's bundle: heads, validation tokens and labels per task (and the cached top inputs)."""
+def save_bundle(path: Path, tasks: Mapping[str, TaskData], *, first_layer: int | None = None) -> Path:
+    """Write the evaluator's bundle: heads, validation tokens and labels per task (and the cached inputs of
+    layer ``first_layer``, for checkpoints that hold only the layers from there up)."""
     tensors: dict[str, Tensor] = {}
     for name, task in tasks.items():
         tensors[f"{name}.head.weight"] = task.head_weight.contiguous()
@@ -168,7 +217,7 @@ def save_bundle(path: Path, tasks: Mapping[str, TaskData], *, top_layer: int | N
         tensors[f"{name}.labels"] = task.labels.to(torch.int32).contiguous()
         if task.cached is not None:
             tensors[f"{name}.cached"] = task.cached.to(torch.float16).contiguous()
-    meta = {"tasks": json.dumps(list(tasks)), "top_layer": json.dumps(top_layer)}
+    meta = {"tasks": json.dumps(list(tasks)), "first_layer": json.dumps(first_layer)}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata=meta)
     return path
@@ -181,7 +230,7 @@ def load_bundle(path: Path) -> tuple[dict[str, TaskData], int | None]:
         meta = handle.metadata() or {}
     try:
         names = json.loads(meta["tasks"])
-        top_layer = json.loads(meta.get("top_layer", "null"))
+        first_layer = json.loads(meta.get("first_layer", "null"))
     except (KeyError, ValueError):
         raise EvaluatorInputError(f"{str(path)!r} is not a text-classification bundle (no task list in its metadata)") from None
     tensors = load_file(str(path))
@@ -195,7 +244,7 @@ def load_bundle(path: Path) -> tuple[dict[str, TaskData], int | None]:
             labels=tensors[f"{name}.labels"].to(torch.long),
             cached=tensors.get(f"{name}.cached"),
         )
-    return tasks, top_layer
+    return tasks, first_layer
 
 
 # ---------------------------------------------------------------------------------------------- the plugin
@@ -238,22 +287,29 @@ def evaluate(model_dir: Path | str, *, device: str = "cpu", params: Mapping[str,
         raise EvaluatorInputError("text-classification needs params.bundle: the path of the tasks bundle to evaluate on")
     if "threads" in params:  # the plugin runs in its own process; on a shared machine 1 thread is much faster
         torch.set_num_threads(int(params["threads"]))
-    tasks, top_layer = load_bundle(Path(params["bundle"]))
+    if params.get("compute_dtype", "float32") not in COMPUTE_DTYPES:
+        raise EvaluatorInputError(f"params.compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+                                  f"not {params['compute_dtype']!r}")
+    dtype = COMPUTE_DTYPES[params.get("compute_dtype", "float32")]
+    tasks, first_layer = load_bundle(Path(params["bundle"]))
     state = load_checkpoint(Path(model_dir))
     state = {k: v.to(device) for k, v in state.items()}
     whole = "embeddings.word_embeddings.weight" in state
+    heads = attention_heads(Path(model_dir), params)
     results: dict[str, float] = {}
     for name, task in tasks.items():
         if whole:
-            features = sentence_embeddings(task.ids.to(device), task.lengths.to(device), state,
-                                           attention_heads(Path(model_dir), params))
+            with torch.autocast(torch.device(device).type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                features = sentence_embeddings(task.ids.to(device), task.lengths.to(device), state, heads)
         else:
-            if top_layer is None or task.cached is None or any(k not in state for k in ffn_keys(top_layer)):
+            needed = [k for layer in range(first_layer or 0, num_layers(state)) for k in layer_keys(layer)]
+            if first_layer is None or task.cached is None or not needed or any(k not in state for k in needed):
                 raise EvaluatorInputError(
-                    "the checkpoint is not a whole BERT encoder, and the bundle has no cached inputs for its "
-                    f"top block (it needs {', '.join(ffn_keys(top_layer or 0)[:2])}, ...)")
-            features = top_embeddings(task.cached.to(device), task.lengths.to(device), state, top_layer)
-        results[name] = task_accuracy(features, task)
+                    "the checkpoint is not a whole BERT encoder, and the bundle has no cached inputs for the layers "
+                    f"it holds (whole layers from the bundle's first_layer up, e.g. {layer_keys(first_layer or 0)[0]}, ...)")
+            features = top_embeddings(task.cached.to(device), task.lengths.to(device), state, first_layer, heads,
+                                      dtype=dtype)
+        results[name] = task_accuracy(features.float(), task)
     if not results:
         raise EvaluatorInputError("the bundle has no tasks")
     results["mean"] = math.fsum(results.values()) / len(results)

@@ -7,10 +7,16 @@ benchmark waits for the policy to move ``@champion`` for that round, downloads
 ``versions/@champion/download`` and measures it on the same test examples as the offline
 curves. The shortfall is the best candidate's offline test accuracy at that fold (hindsight)
 minus the champion's.
+
+:class:`Measurement` runs all of that in a forked process of its own, so that the service works
+beside the benchmark's offline streams (the service's worker and plugin processes take the
+second core); the shortfalls are computed once the offline results are in.
 """
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
 import socket
 import statistics
@@ -18,7 +24,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -52,7 +60,7 @@ def write_bundle(prepared: Any, names: Sequence[str], path: Path) -> Path:
     for name in names:
         split, head = prepared.splits[name]["val"], prepared.heads[name]
         tasks[name] = tc.TaskData(head.weight, head.bias, split.ids, split.lengths, split.labels, split.cached)
-    return tc.save_bundle(path, tasks, top_layer=M.TOP_LAYER)
+    return tc.save_bundle(path, tasks, first_layer=M.FIRST_LAYER)
 
 
 class Service:
@@ -111,21 +119,21 @@ def wait_for_champion(service: Service, stream_id: str, round_number: int, candi
 
 
 def measure(*, config: Any, seed: int, orders: list[list[str]], prepared: Any, workdir: Path,
-            candidates: Sequence[MethodConfig], offline: dict[tuple[str, int], list[dict[str, Any]]],
-            timeout: float = 900.0) -> dict[str, Any]:
-    """@champion's test accuracy after every fold of every order, against the best candidate in hindsight."""
+            candidates: Sequence[MethodConfig], timeout: float = 900.0) -> dict[str, Any]:
+    """@champion's test accuracy after every fold of every order (the hindsight comparison is :func:`compare`'s)."""
     workdir.mkdir(parents=True, exist_ok=True)
     bundle = write_bundle(prepared, config.tasks, workdir / "bundle.safetensors")
     evaluator = evaluator_name()
-    service = Service(Path(tempfile.mkdtemp(prefix="var-", dir=workdir)))
     started = time.perf_counter()
+    service = Service(Path(tempfile.mkdtemp(prefix="var-", dir=workdir)))
     rounds: list[dict[str, Any]] = []
     try:
         for order_index, order in enumerate(orders):
             head = candidates[0]
             stream = service.ok(service.client.post("/v1/streams", json={
                 "name": f"seed{seed}-order{order_index}", "method": head.method, "params": dict(head.params),
-                "evaluator": {"name": evaluator, "params": {"bundle": str(bundle), "threads": 1}},
+                "evaluator": {"name": evaluator, "params": {"bundle": str(bundle), "threads": 1,
+                                                           "compute_dtype": config.compute_dtype}},
                 "champion": {"metric": "mean", "mode": "max",
                              "candidates": [{"method": c.method, "params": dict(c.params), "name": f"c{i}"}
                                             for i, c in enumerate(candidates)]},
@@ -133,6 +141,7 @@ def measure(*, config: Any, seed: int, orders: list[list[str]], prepared: Any, w
             labels = {entry["stream_id"]: candidates[i].label for i, entry in enumerate(stream["champion"]["candidates"])}
             service.ok(service.client.put(f"/v1/streams/{stream['id']}/base", content=prepared.base.read_bytes()))
             for t, name in enumerate(order, start=1):
+                round_started = time.perf_counter()
                 service.ok(service.client.post(f"/v1/streams/{stream['id']}/experts", params={"name": name},
                                                content=prepared.experts[name].read_bytes()))
                 version = wait_for_champion(service, stream["id"], t, labels, timeout)
@@ -140,16 +149,61 @@ def measure(*, config: Any, seed: int, orders: list[list[str]], prepared: Any, w
                 if response.status_code != 200:
                     raise RuntimeError(f"download of @champion: {response.status_code} {response.text[:200]}")
                 top = load(response.content)
-                accuracy = statistics.fmean(M.accuracy(top, prepared.heads[n], prepared.splits[n]["test"].subset(config.curve_test))
-                                            for n in order[:t])
-                hindsight = {c.label: offline[(c.label, order_index)][t - 1]["average"]["test"] for c in candidates}
-                best = max(hindsight, key=hindsight.__getitem__)
+                accuracy = statistics.fmean(
+                    M.accuracy(top, prepared.heads[n], prepared.splits[n]["test"].subset(config.curve_test), prepared.dtype)
+                    for n in order[:t])
                 rounds.append({"order": order_index, "fold": t, "champion": labels[version["stream_id"]],
-                               "champion_test": accuracy, "best": best, "best_test": hindsight[best],
-                               "shortfall": hindsight[best] - accuracy,
+                               "champion_test": accuracy, "seconds": time.perf_counter() - round_started,
                                "champion_val": next((e["metrics"]["mean"] for e in version.get("evaluations", [])
                                                      if e.get("status") == "succeeded"), None)})
     finally:
         service.close()
     return {"seed": seed, "evaluator": evaluator, "candidates": [c.label for c in candidates], "rounds": rounds,
-            "shortfalls": [r["shortfall"] for r in rounds], "seconds": time.perf_counter() - started}
+            "seconds": time.perf_counter() - started}
+
+
+def compare(record: dict[str, Any], offline: dict[tuple[str, int], list[dict[str, Any]]]) -> dict[str, Any]:
+    """Each round's best candidate in hindsight (offline test accuracy at that fold) and the champion's shortfall."""
+    for r in record["rounds"]:
+        hindsight = {c: offline[(c, r["order"])][r["fold"] - 1]["average"]["test"] for c in record["candidates"]}
+        best = max(hindsight, key=hindsight.__getitem__)
+        r.update(best=best, best_test=hindsight[best], shortfall=hindsight[best] - r["champion_test"])
+    record["shortfalls"] = [r["shortfall"] for r in record["rounds"]]
+    return record
+
+
+@dataclass
+class Measurement:
+    """:func:`measure` in a forked process; :meth:`finish` waits for it and compares with the offline runs."""
+
+    seed: int
+    process: multiprocessing.process.BaseProcess
+    answer: Path
+
+    @classmethod
+    def start(cls, *, config: Any, seed: int, orders: list[list[str]], prepared: Any, workdir: Path,
+              candidates: Sequence[MethodConfig]) -> Measurement:
+        workdir.mkdir(parents=True, exist_ok=True)
+        answer = workdir / "champion.json"
+        process = multiprocessing.get_context("fork").Process(
+            target=_measure_into, args=(answer,),
+            kwargs={"config": config, "seed": seed, "orders": orders, "prepared": prepared, "workdir": workdir,
+                    "candidates": list(candidates)})
+        process.start()
+        return cls(seed, process, answer)
+
+    def finish(self, offline: dict[tuple[str, int], list[dict[str, Any]]]) -> dict[str, Any]:
+        self.process.join()
+        body = json.loads(self.answer.read_text()) if self.answer.exists() else {
+            "error": f"the @champion process exited with status {self.process.exitcode} and wrote nothing"}
+        if "error" in body:
+            raise RuntimeError(f"@champion measurement of seed {self.seed} failed: {body['error']}")
+        return compare(body, offline)
+
+
+def _measure_into(answer: Path, **kwargs: Any) -> None:
+    try:
+        body = measure(**kwargs)
+    except Exception:  # noqa: BLE001 - reported to the parent, which raises it
+        body = {"error": traceback.format_exc()}
+    answer.write_text(json.dumps(body))

@@ -44,7 +44,8 @@ class MethodConfig:
 
     @property
     def family(self) -> str:
-        return self.method
+        """What a setting is chosen among on validation: the method, with its pre/post-processing if any."""
+        return f"{self.method} + {self.tag}" if self.tag else self.method
 
 
 METHOD_GRID: list[MethodConfig] = [

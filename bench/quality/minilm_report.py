@@ -82,6 +82,7 @@ def summarize(results: dict[str, Any], methods: Sequence[MethodConfig],
         metric_keys = sorted({k for r in runs for f in r["folds"] for k in f["metrics"]})
         row: dict[str, Any] = {
             "method": config.method,
+            "family": config.family,
             "params": dict(config.params),
             "swept": config.swept,
             "final_test": _stats(final_test),
@@ -93,7 +94,8 @@ def summarize(results: dict[str, Any], methods: Sequence[MethodConfig],
             "backward_transfer": _stats(bwt),
             "per_task_final_test": {n: _stats([f["accuracy"][n]["test_full"] for f in finals]) for n in tasks},
             "curve_test": [_stats([r["folds"][t]["average"]["test"] for r in runs]) for t in range(steps)],
-            "curve_val": [_stats([r["folds"][t]["average"]["val"] for r in runs]) for t in range(steps)],
+            "curve_val": [_stats([r["folds"][t]["average"]["val"] for r in runs]) for t in range(steps)
+                          if all("val" in r["folds"][t]["average"] for r in runs)],
             "fold_metrics": {k: [_stats([r["folds"][t]["metrics"][k] for r in runs if k in r["folds"][t]["metrics"]])
                                  for t in range(steps) if any(k in r["folds"][t]["metrics"] for r in runs)]
                              for k in metric_keys},
@@ -102,33 +104,50 @@ def summarize(results: dict[str, Any], methods: Sequence[MethodConfig],
         rows[config.label] = row
 
     chosen: dict[str, str] = {}
-    for family in dict.fromkeys(c.method for c in methods):
-        labels = [c.label for c in methods if c.method == family and c.label in rows]
+    for family in dict.fromkeys(c.family for c in methods):
+        labels = [c.label for c in methods if c.family == family and c.label in rows]
         if labels:
             chosen[family] = max(labels, key=lambda label: rows[label]["final_val"]["mean"])
 
-    def per_task(label: str) -> dict[str, list[torch.Tensor]]:
+    def runs_of(label: str) -> set[tuple[int, int]]:
         if label in ("probe", "expert"):
-            return {n: [bounds[(label, s)][n] for s, _ in pairs] for n in tasks}
-        return {n: [correctness[(label, s, o)][n] for s, o in pairs] for n in tasks}
+            return set(pairs)
+        return {(s, o) for (lb, s, o) in correctness if lb == label}
+
+    def per_task(label: str, used: Sequence[tuple[int, int]]) -> dict[str, list[torch.Tensor]]:
+        if label in ("probe", "expert"):
+            return {n: [bounds[(label, s)][n] for s, _ in used] for n in tasks}
+        return {n: [correctness[(label, s, o)][n] for s, o in used] for n in tasks}
+
+    def interval(a: str, b: str) -> dict[str, Any]:
+        # on the runs both have (a method run on fewer orders is compared on those orders only)
+        used = sorted(runs_of(a) & runs_of(b))
+        ci = paired_bootstrap(per_task(a, used), per_task(b, used))
+        return {"a": a, "b": b, **ci, "runs": len(used), "significant": ci["low"] > 0 or ci["high"] < 0}
 
     compared = ["probe", *chosen.values()]
-    intervals = []
-    for i, a in enumerate(compared):
-        for b in compared[i + 1 :]:
-            ci = paired_bootstrap(per_task(b), per_task(a))
-            intervals.append({"a": b, "b": a, **ci, "significant": ci["low"] > 0 or ci["high"] < 0})
-    for label in chosen.values():
-        ci = paired_bootstrap(per_task("expert"), per_task(label))
-        intervals.append({"a": "expert", "b": label, **ci, "significant": ci["low"] > 0 or ci["high"] < 0})
+    intervals = [interval(b, a) for i, a in enumerate(compared) for b in compared[i + 1 :]]
+    intervals += [interval("expert", label) for label in chosen.values()]
 
     cosines, norms = [], []
     for record in results["seeds"]:
         matrix = record["geometry"]["cosine"]
         cosines += [matrix[a][b] for i, a in enumerate(tasks) for b in tasks[i + 1 :]]
         norms += list(record["geometry"]["task_norms"].values())
+    layer_norms: dict[str, list[float]] = {}
+    for record in results["seeds"]:
+        for per_layer in record["geometry"].get("per_layer_norms", {}).values():
+            for layer, norm in per_layer.items():
+                layer_norms.setdefault(layer, []).append(norm)
     return {
         "bounds": out_bounds,
+        "gap": {"expert_minus_probe": gap,
+                "per_task": {n: out_bounds["expert"]["per_task_test"][n]["mean"] - out_bounds["probe"]["per_task_test"][n]["mean"]
+                             for n in tasks},
+                "per_seed_task": [{"seed": s, "task": n, "probe": seeds[s]["tasks"][n]["probe"]["test"],
+                                   "expert": seeds[s]["tasks"][n]["expert"]["test"]} for s in seeds for n in tasks]},
+        "champion": champion_summary(results),
+        "task_vector_layer_norms": {layer: _stats(v) for layer, v in layer_norms.items()},
         "methods": rows,
         "chosen_on_validation": chosen,
         "paired_bootstrap": intervals,
@@ -136,6 +155,19 @@ def summarize(results: dict[str, Any], methods: Sequence[MethodConfig],
                          "norm": _stats(norms), "base_norm": _stats([r["geometry"]["base_norm"] for r in results["seeds"]])},
         "spread": "mean ± sample standard deviation over task orders × seeds",
     }
+
+
+def champion_summary(results: dict[str, Any]) -> dict[str, Any] | None:
+    """Worst and mean shortfall of @champion against the best candidate in hindsight, over every seed, order and fold."""
+    if not results.get("champion"):
+        return None
+    rounds = [r for record in results["champion"] for r in record["rounds"]]
+    shortfalls = [r["shortfall"] for r in rounds]
+    return {"folds": len(rounds), "worst": max(shortfalls), "mean": statistics.fmean(shortfalls),
+            "within_half_point": sum(1 for x in shortfalls if x <= 0.005), "chose_best": sum(1 for r in rounds if r["champion"] == r["best"]),
+            "seconds": sum(record["seconds"] for record in results["champion"]),
+            "candidates": results["champion"][0]["candidates"],
+            "picks": {c: sum(1 for r in rounds if r["champion"] == c) for c in results["champion"][0]["candidates"]}}
 
 
 def _ci(row: dict[str, Any]) -> str:
@@ -149,16 +181,29 @@ def markdown(results: dict[str, Any]) -> str:
     runs = len({(r["seed"], r["order"]) for r in results["runs"]})
     bounds = summary["bounds"]
     sizes = {n: config["task_data"][n]["sizes"] for n in tasks}
+    load = results.get("load_average", {})
+    layers = config.get("fine_tuned_layers", [])
+    gap = summary.get("gap", {})
     lines = [
         "# Merge quality: continual merging of all-MiniLM-L6-v2 experts on eight text-classification tasks",
         "",
         (f"{len(tasks)} tasks, {len(config['orders'])} task orders × {len(config['seeds'])} seeds = {runs} runs per method "
-         f"setting; every fold through `app.merging.fold_checkpoint`. Fine-tuned: the last layer's feed-forward block "
-         f"({', '.join(k.split('layer.')[1] for k in config['fine_tuned'][:2])}, ...; the rest of the encoder frozen), "
-         f"{config['finetune_steps']} AdamW steps of {config['batch']} at lr {config['finetune_lr']:g}, "
-         f"≤{config['max_tokens']} tokens per text. Wall time {results['wall_seconds'] / 60:.1f} min "
-         f"({results['encode_seconds'] / 60:.1f} of it tokenizing and running the frozen layers) "
-         f"on {config['threads']} torch thread(s)."),
+         f"setting (fewer where the table's runs column says so); every fold through `app.merging.fold_checkpoint`. "
+         f"Fine-tuned and merged: layers {', '.join(map(str, layers))} of 6, whole (attention and feed-forward; the "
+         f"embeddings and the layers below frozen), {config['finetune_steps']} AdamW steps of {config['batch']} at lr "
+         f"{config['finetune_lr']:g} under each task's frozen probe head, ≤{config['max_tokens']} tokens per text, "
+         f"matrix products in {config.get('compute_dtype', 'float32')}. "
+         f"Wall time **{results['wall_seconds'] / 60:.1f} min** on {results['environment'].get('cpu_count', '?')} CPU cores "
+         f"({config.get('workers', 1)} worker processes of {config['threads']} torch thread"
+         f"{', under the shared bench lock' if results['environment'].get('bench_lock_held') else ''}; "
+         f"{results['encode_seconds'] / 60:.1f} min of it tokenizing and running the frozen layers"
+         f"{', from the feature cache' if results.get('feature_cache_hits') else ''}); 1-min load average "
+         f"{load.get('mean_1min', float('nan')):.2f} on average over the run (start {load.get('at_start', [float('nan')])[0]:.2f}, "
+         f"end {load.get('at_end', [float('nan')])[0]:.2f}); CPU time of the run and its processes "
+         f"{results.get('cpu_seconds', {}).get('total', float('nan')) / 60:.1f} min."),
+        "",
+        (f"Probe → expert gap: **{100 * gap.get('expert_minus_probe', float('nan')):.1f} points** averaged over tasks and seeds "
+         "(per task in the per-task table)."),
         "",
         ("Final = after all 8 experts are folded: accuracy on each task's whole **test** split, averaged over tasks; "
          "mean ± sample std over runs. Normalized = merged / expert accuracy per task, averaged. Gap closed = "
@@ -166,34 +211,35 @@ def markdown(results: dict[str, Any]) -> str:
          f"right after its own fold (on the first {config['curve_test']} test examples per task, as the curves). "
          "★ = setting chosen on the **validation** split (final average accuracy)."),
         "",
-        "| method | final avg accuracy | normalized accuracy | gap closed | BWT | final avg accuracy (val) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| method | final avg accuracy | normalized accuracy | gap closed | BWT | final avg accuracy (val) | runs |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
         (f"| expert (upper bound) | {_pm(bounds['expert']['final_test'])} | {_pm(bounds['expert']['normalized'])} | 1.00 | – | "
-         f"{_pm(bounds['expert']['final_val'])} |"),
+         f"{_pm(bounds['expert']['final_val'])} | {len(config['seeds'])} seeds |"),
     ]
     for label, row in summary["methods"].items():
         mark = " ★" if label in chosen.values() and row["swept"] else ""
         lines.append(f"| {label}{mark} | {_pm(row['final_test'])} | {_pm(row['normalized'])} | {row['gap_closed']:.2f} | "
-                     f"{_pm(row['backward_transfer'])} | {_pm(row['final_val'])} |")
+                     f"{_pm(row['backward_transfer'])} | {_pm(row['final_val'])} | {row['final_test']['n']} |")
     lines.append(f"| linear probe (lower bound) | {_pm(bounds['probe']['final_test'])} | {_pm(bounds['probe']['normalized'])} | "
-                 f"0.00 | – | {_pm(bounds['probe']['final_val'])} |")
+                 f"0.00 | – | {_pm(bounds['probe']['final_val'])} | {len(config['seeds'])} seeds |")
 
     lines += ["", "## Differences, with 95% paired bootstrap intervals (accuracy points)", "",
               (f"A − B on the same test examples, averaged over tasks and runs; {2000} resamples of each task's test "
                "examples. **bold** = the interval excludes 0 (a win); otherwise the two are not told apart."), "",
-              "| A | B | A − B [95% CI] |", "| --- | --- | --- |"]
+              "| A | B | A − B [95% CI] | runs |", "| --- | --- | --- | --- |"]
     for row in summary["paired_bootstrap"]:
         cell = _ci(row)
-        lines.append(f"| {row['a']} | {row['b']} | {'**' + cell + '**' if row['significant'] else cell} |")
+        lines.append(f"| {row['a']} | {row['b']} | {'**' + cell + '**' if row['significant'] else cell} | {row.get('runs', '')} |")
 
     lines += ["", "## Final test accuracy per task (mean over runs)", ""]
     shown = list(chosen.values())
-    lines.append("| task | n test | probe | expert | " + " | ".join(shown) + " |")
-    lines.append("| --- " * (4 + len(shown)) + "|")
+    lines.append("| task | n test | probe | expert | gap | " + " | ".join(shown) + " |")
+    lines.append("| --- " * (5 + len(shown)) + "|")
     for name in tasks:
         cells = [f"{summary['methods'][label]['per_task_final_test'][name]['mean']:.3f}" for label in shown]
-        lines.append(f"| {name} | {sizes[name]['test']} | {bounds['probe']['per_task_test'][name]['mean']:.3f} | "
-                     f"{bounds['expert']['per_task_test'][name]['mean']:.3f} | " + " | ".join(cells) + " |")
+        probe, expert = bounds['probe']['per_task_test'][name]['mean'], bounds['expert']['per_task_test'][name]['mean']
+        lines.append(f"| {name} | {sizes[name]['test']} | {probe:.3f} | {expert:.3f} | {100 * (expert - probe):+.1f} | "
+                     + " | ".join(cells) + " |")
 
     geometry = summary["task_vectors"]
     lines += ["", "## What explains it", "",
@@ -201,6 +247,21 @@ def markdown(results: dict[str, Any]) -> str:
                f"{_pm(geometry['base_norm'], 1)}); pairwise cosine {_pm(geometry['pairwise_cosine'])} (range "
                f"{geometry['pairwise_cosine']['min']:.3f} … {geometry['pairwise_cosine']['max']:.3f}; |cos| mean "
                f"{geometry['abs_pairwise_cosine']['mean']:.3f}).")]
+    if summary.get("task_vector_layer_norms"):
+        lines.append("- Task-vector norm per fine-tuned layer: " + ", ".join(
+            f"layer {layer} {_pm(st, 2)}" for layer, st in summary["task_vector_layer_norms"].items()) + ".")
+    opcm_rows = [(label, row) for label, row in summary["methods"].items()
+                 if row["method"] == "opcm" and row["fold_metrics"].get("lambda")]
+    if opcm_rows:
+        steps = len(opcm_rows[0][1]["fold_metrics"]["lambda"])
+        lines += ["", "OPCM's λ_t after each fold (mean over runs; √t is what orthogonal equal-norm task vectors give, "
+                  "1 what identical ones give):", "",
+                  "| setting | " + " | ".join(f"t={t}" for t in range(1, steps + 1)) + " |",
+                  "| --- " * (steps + 1) + "|",
+                  "| √t | " + " | ".join(f"{math.sqrt(t):.2f}" for t in range(1, steps + 1)) + " |"]
+        for label, row in opcm_rows:
+            lines.append(f"| {label} | " + " | ".join(f"{c['mean']:.2f}" for c in row["fold_metrics"]["lambda"]) + " |")
+        lines.append("")
     for label, row in summary["methods"].items():
         metrics = row["fold_metrics"]
         parts = []
@@ -238,15 +299,33 @@ def champion_lines(results: dict[str, Any]) -> list[str]:
     shortfalls = [s for record in results["champion"] for s in record["shortfalls"]]
     worst = max(shortfalls) if shortfalls else float("nan")
     mean = statistics.fmean(shortfalls) if shortfalls else float("nan")
-    return [
+    candidates = results["champion"][0]["candidates"]
+    seconds = sum(record["seconds"] for record in results["champion"])
+    lines = [
         "## @champion through the service",
         "",
         (f"For every seed and order, `mergeline serve` on the embedded defaults (SQLite, local folder, embedded worker) folded "
-         f"the same experts under each candidate, ran the `text-classification` evaluator plugin on validation after "
-         f"each fold and moved `@champion`. Test accuracy of the version `@champion` pointed at after each fold, "
-         f"against the best candidate in hindsight (on test): worst shortfall {100 * worst:.2f} points, mean "
-         f"{100 * mean:.2f} points over {len(shortfalls)} folds (target ≤ 0.5)."),
+         f"the same experts under each candidate ({', '.join(candidates)}), ran the "
+         f"`{results['champion'][0]['evaluator']}` evaluator plugin on validation after each fold and moved `@champion`; "
+         f"the benchmark downloaded `versions/@champion/download` after every fold and measured it on the curves' test "
+         f"examples. Against the best candidate in hindsight (on those test examples): worst shortfall "
+         f"**{100 * worst:.2f}** points, mean **{100 * mean:.2f}** points over {len(shortfalls)} folds (target ≤ 0.5). "
+         f"It ran beside the offline streams, {seconds / 60:.1f} min of the run's wall time in all."),
+        "",
+        "| seed | order | " + " | ".join(f"fold {t}" for t in range(1, len(results["config"]["tasks"]) + 1)) + " |",
+        "| --- | --- | " + "--- | " * len(results["config"]["tasks"]),
     ]
+    short = {"opcm": "OPCM", "task_arithmetic": "TA", "average": "avg", "iso_c": "Iso-C", "magmax": "MagMax",
+             "ties": "TIES", "dop": "DOP"}
+    for record in results["champion"]:
+        for order in sorted({r["order"] for r in record["rounds"]}):
+            cells = []
+            for r in (r for r in record["rounds"] if r["order"] == order):
+                name = short.get(r["champion"].split(" ")[0], r["champion"])
+                cells.append(f"{name} {100 * r['shortfall']:.1f}")
+            lines.append(f"| {record['seed']} | {order} | " + " | ".join(cells) + " |")
+    lines += ["", "(cell: the family @champion pointed at, and its shortfall in points; 0.0 = it was the best in hindsight)"]
+    return lines
 
 
 _COLORS = {"opcm": "tab:red", "average": "tab:blue", "task_arithmetic": "tab:green", "ties": "tab:purple",
@@ -263,12 +342,13 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> None:
             _line(ax, summary["bounds"][kind]["curve_test"], f"{kind} ({'upper' if kind == 'expert' else 'lower'} bound)",
                   "black" if kind == "expert" else "grey", False, linestyle=style, marker="")
     for family, label in chosen.items():
-        _line(axes[0], summary["methods"][label]["curve_test"], label, _COLORS.get(family, "black"), True)
+        _line(axes[0], summary["methods"][label]["curve_test"], label, _COLORS.get(family.split(" + ")[0], "black"),
+              " + " not in family, linestyle="-" if " + " not in family else "--")
     styles = ["-", "--", "-."]
     for family in chosen:
-        labels = [label for label, row in summary["methods"].items() if row["method"] == family]
+        labels = [label for label, row in summary["methods"].items() if row.get("family", row["method"]) == family]
         for index, label in enumerate(labels):
-            _line(axes[1], summary["methods"][label]["curve_test"], label, _COLORS.get(family, "black"), False,
+            _line(axes[1], summary["methods"][label]["curve_test"], label, _COLORS.get(family.split(" + ")[0], "black"), False,
                   linestyle=styles[index % len(styles)])
     runs = len({(r["seed"], r["order"]) for r in results["runs"]})
     axes[0].set_title(f"settings chosen on validation (band: ±1 std over {runs} runs)")
@@ -309,9 +389,38 @@ def plot_lambda(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_champion(results: dict[str, Any], path: Path) -> None:
+    """@champion's test accuracy after each fold against each candidate's and the best one in hindsight (mean over runs)."""
+    rounds = [r for record in results["champion"] for r in record["rounds"]]
+    candidates = results["champion"][0]["candidates"]
+    runs = {(record["seed"], r["order"]) for record in results["champion"] for r in record["rounds"]}
+    steps = max(r["fold"] for r in rounds)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    x = list(range(1, steps + 1))
+    for label in candidates:
+        curve = [statistics.fmean(run["folds"][t - 1]["average"]["test"] for run in results["runs"]
+                                  if run["label"] == label and (run["seed"], run["order"]) in runs) for t in x]
+        ax.plot(x, curve, linestyle="--", marker="o", markersize=3, label=f"candidate {label}",
+                color=_COLORS.get(label.split(" ")[0], "grey"))
+    ax.plot(x, [statistics.fmean(r["best_test"] for r in rounds if r["fold"] == t) for t in x], color="black",
+            linestyle=":", label="best candidate in hindsight")
+    ax.plot(x, [statistics.fmean(r["champion_test"] for r in rounds if r["fold"] == t) for t in x], color="black",
+            marker="s", label="@champion (through mergeline serve)")
+    ax.set_xlabel("experts merged")
+    ax.set_ylabel(f"average test accuracy, tasks so far (first {results['config']['curve_test']} per task)")
+    ax.set_title(f"@champion vs its candidates (mean over {len(runs)} runs)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write(results: dict[str, Any], out: Path, name: str) -> None:
     table = markdown(results)
     (out / f"{name}.md").write_text(table)
     plot_accuracy(results, out / f"{name}_accuracy.png")
     plot_lambda(results, out / f"{name}_lambda.png")
+    if results.get("champion"):
+        plot_champion(results, out / f"{name}_champion.png")
     print(table)

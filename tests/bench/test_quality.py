@@ -190,7 +190,8 @@ def test_minilm_every_method_every_fold_every_seen_task(minilm_mini: tuple[dict,
     from app.merging.registry import METHODS
 
     results, _ = minilm_mini
-    assert {run["method"] for run in results["runs"]} == set(METHODS) - set(results["config"]["not_run"])
+    assert {run["method"] for run in results["runs"]} == set(METHODS)  # dop and iso_c included
+    assert results["config"]["fine_tuned_layers"] == [4, 5]
     order = results["config"]["orders"][0]
     for run in results["runs"]:
         assert [f["expert"] for f in run["folds"]] == order
@@ -214,6 +215,20 @@ def test_minilm_average_follows_the_task_vector_geometry(minilm_mini: tuple[dict
     finals = {run["label"]: run["folds"][-1]["metrics"]["merged_task_norm"] for run in results["runs"]}
     assert finals["average"] == pytest.approx(both / 2, rel=1e-4)
     assert finals["task_arithmetic λ=0.3"] == pytest.approx(0.3 * both, rel=1e-4)
+
+
+def test_minilm_lines_scales_the_two_fine_tuned_layers_apart(minilm_mini: tuple[dict, Path]) -> None:
+    """LiNeS on task arithmetic: λ(l) = 0.5 + 0.5·l/5 scales layer 4's merged task vector by 0.9, layer 5's by 1.0."""
+    results, _ = minilm_mini
+    record = results["seeds"][0]
+    a, b = results["config"]["orders"][0]
+    layers = record["geometry"]["per_layer_norms"]
+    for name in (a, b):  # both layers really moved, and the two parts make up the whole task vector
+        assert min(layers[name].values()) > 0.0
+        assert math.hypot(*layers[name].values()) == pytest.approx(record["geometry"]["task_norms"][name], rel=1e-6)
+    finals = {run["label"]: run["folds"][-1]["metrics"]["merged_task_norm"] for run in results["runs"]}
+    plain, scaled = finals["task_arithmetic λ=0.3"], finals["task_arithmetic λ=0.3 + LiNeS α=0.5 β=0.5"]
+    assert 0.9 * plain < scaled < plain
 
 
 def test_minilm_bootstrap_intervals_bracket_the_difference(minilm_mini: tuple[dict, Path]) -> None:

@@ -4,8 +4,9 @@ The engine knows no method by name (the protocol is ``app.merging.protocol``). A
 a global step takes one pass: read a tensor of the base, the previous version and the expert,
 fold it, write it. A method with one (OPCM's rescale needs the norm of the whole update before any
 output tensor is final) takes two: pass 1 computes each tensor's update from the task vectors
-into a float32 scratch file while accumulating its norm and the expert's; the global step runs;
-pass 2 reads the updates back, finishes them and writes the output. Peak memory is a few of the
+into a float32 scratch (kept in memory while it fits what the memory budget leaves, else a
+file) while accumulating its norm and the expert's; the global step runs; pass 2 reads the
+updates back, finishes them and writes the output. Peak memory is a few of the
 largest tensors whatever the model's size.
 
 Everything a caller can get wrong (method, parameters, state, headers, keys, shapes, dtypes,

@@ -191,7 +191,27 @@ def run_engine(paths: dict[str, Path], device: str, out: Path) -> dict:
     result = fold_checkpoint("opcm", {"alpha": 0.5}, paths["base"], paths["e1"], paths["e2"], state, out, 2,
                              device=device, lineage={"parent_sha256": "-", "expert_sha256": "-"},
                              scratch_dir=out.parent)
-    return {"lambda": result.metrics["lambda"], "merged_task_norm": result.metrics["merged_task_norm"]}
+    return {"lambda": result.metrics["lambda"], "merged_task_norm": result.metrics["merged_task_norm"],
+            "scratch_spilled_bytes": result.metrics.get("scratch_spilled_bytes"), "sha256": result.sha256}
+
+
+def run_engine_in_memory(paths: dict[str, Path], device: str, out: Path) -> dict:
+    """The engine under a memory budget large enough that pass 1 keeps every update in memory.
+
+    The same fold as ``engine`` (the same bytes: the updates are the same tensors wherever they
+    are kept); the difference is the scratch pass, one write and one read of a float32 copy of
+    the model through the page cache.
+    """
+    from app.merging import fold_checkpoint
+
+    meta = json.loads(paths["meta"].read_text())
+    state = {"method": "opcm", "version": 1, "expert_norms": [meta["expert1_norm"]], "lambda": 1.0}
+    budget = 4 * meta["params"] + 2 * 1024**3  # the float32 updates plus room for the largest tensor's fold
+    result = fold_checkpoint("opcm", {"alpha": 0.5}, paths["base"], paths["e1"], paths["e2"], state, out, 2,
+                             device=device, lineage={"parent_sha256": "-", "expert_sha256": "-"},
+                             scratch_dir=out.parent, memory_budget=budget)
+    return {"lambda": result.metrics["lambda"], "merged_task_norm": result.metrics["merged_task_norm"],
+            "scratch_spilled_bytes": result.metrics.get("scratch_spilled_bytes"), "sha256": result.sha256}
 
 
 def run_naive(paths: dict[str, Path], device: str, out: Path) -> dict:
@@ -340,8 +360,11 @@ def run_fusionbench(paths: dict[str, Path], device: str, out: Path) -> dict:
     return {"lambda": float(algorithm.previous_lambda_t)}
 
 
-IMPLEMENTATIONS = {"naive": "run_naive", "engine": "run_engine", "io": "run_io_floor", "decompose": "run_decompose",
-                   "fusionbench": "run_fusionbench"}
+IMPLEMENTATIONS = {"naive": "run_naive", "engine": "run_engine", "engine_in_memory": "run_engine_in_memory",
+                   "io": "run_io_floor", "decompose": "run_decompose", "fusionbench": "run_fusionbench"}
+# FusionBench 0.2.33 imports transformers<5; where the project's environment has transformers 5,
+# its OPCM runs in another interpreter (an overlay environment: see README, bench section).
+FUSIONBENCH_PYTHON = os.environ.get("MERGELINE_FUSIONBENCH_PYTHON") or sys.executable
 
 
 def _drop_caches() -> bool:
@@ -383,7 +406,8 @@ def child(args: argparse.Namespace) -> None:
 
 def run_once(impl: str, model: str, device: str, seed: int, threads: int | None, cold: bool = False) -> dict:
     """One measurement in a fresh interpreter: its JSON line, or {"error": ...}."""
-    cmd = [sys.executable, __file__, "_child", "--impl", impl, "--model", model, "--device", device,
+    python = FUSIONBENCH_PYTHON if impl == "fusionbench" else sys.executable
+    cmd = [python, __file__, "_child", "--impl", impl, "--model", model, "--device", device,
            "--seed", str(seed)] + (["--threads", str(threads)] if threads else []) + (["--cold"] if cold else [])
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -404,6 +428,9 @@ def summarize(runs: list[dict]) -> dict:
         "repeats": len(good),
         "runs": runs,
     }
+    for key in ("sha256", "scratch_spilled_bytes"):
+        if key in good[-1]:
+            summary[key] = good[-1][key]
     for key in ("compute_seconds",):
         if key in good[0]:
             summary[key] = statistics.median(r[key] for r in good)
@@ -474,9 +501,8 @@ def svd_alternatives(quick: bool) -> list[dict]:
 
 
 def _fusionbench_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("fusion_bench") is not None
+    probe = "import fusion_bench.method.opcm.opcm_general, lightning"
+    return subprocess.run([FUSIONBENCH_PYTHON, "-c", probe], capture_output=True, check=False).returncode == 0
 
 
 def _ratios(entry: dict, baseline_rss: float | None) -> None:
@@ -490,10 +516,18 @@ def _ratios(entry: dict, baseline_rss: float | None) -> None:
         entry["floor_seconds"] = floor
         entry["engine_over_floor"] = engine / floor if floor > 0 else None
         entry["engine_over_io_plus_decompose"] = engine / (io + decompose) if io + decompose > 0 else None
+        entry["target_engine_over_floor_at_most_1.3"] = entry["engine_over_floor"] is not None and \
+            entry["engine_over_floor"] <= 1.3
+        if seconds("engine_in_memory"):
+            entry["engine_in_memory_over_floor"] = seconds("engine_in_memory") / floor if floor > 0 else None
+    if engine and seconds("engine_in_memory"):
+        entry["engine_in_memory_over_engine"] = seconds("engine_in_memory") / engine
+        entry["engine_in_memory_same_bytes"] = entry["engine_in_memory"].get("sha256") == entry["engine"].get("sha256")
     if engine and entry.get("decompose", {}).get("compute_seconds"):
         entry["engine_over_compute"] = engine / entry["decompose"]["compute_seconds"]
     if engine and seconds("fusionbench"):
         entry["fusionbench_over_engine"] = seconds("fusionbench") / engine
+        entry["target_fusionbench_over_engine_at_least_5"] = entry["fusionbench_over_engine"] >= 5
         fb = entry["fusionbench"]["lambda"]
         entry["fusionbench_lambda_rel_diff"] = abs(fb - entry["engine"]["lambda"]) / fb if fb else None
     if engine and seconds("naive"):
@@ -526,6 +560,8 @@ def main() -> None:
                         help="comma-separated models to also fold with FusionBench's OPCM, where installed "
                              "(default: vit-b32, llama-2l)")
     parser.add_argument("--no-floor", action="store_true", help="skip the I/O floor and decomposition-only runs")
+    parser.add_argument("--in-memory", action="store_true",
+                        help="also fold under a memory budget that keeps pass 1's updates in memory (no scratch file)")
     parser.add_argument("--quick", action="store_true", help="small shapes, one repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--large-repeats", type=int, default=1,
@@ -563,7 +599,8 @@ def main() -> None:
                 "naive = whole models in memory + full-bases SVD",
         "page_cache": "cold (dropped before every measurement)" if cold else
                       "warm (inputs read or generated just before; not dropped)",
-        "fusionbench": "installed" if _fusionbench_available() else "not installed (make install-bench)",
+        "fusionbench": (f"installed ({FUSIONBENCH_PYTHON})" if _fusionbench_available()
+                        else "not installed (make install-bench)"),
         "models": {},
     }
     baseline = measure("baseline", models[0], 1, args.device, args.seed, args.threads)
@@ -575,7 +612,7 @@ def main() -> None:
         entry: dict = {"params": meta["params"], "dtype": str(MODELS[model][1]).removeprefix("torch."),
                        "file_bytes": paths["base"].stat().st_size}
         large = meta["params"] >= 500e6
-        impls = ["engine"] + ([] if args.no_floor else ["io", "decompose"])
+        impls = ["engine"] + (["engine_in_memory"] if args.in_memory else []) + ([] if args.no_floor else ["io", "decompose"])
         slow = (["naive"] if model in naive_models else []) + (["fusionbench"] if model in fusionbench_models else [])
         runs: dict[str, list[dict]] = {impl: [] for impl in impls + slow}
         # interleaved: repeat r of every implementation runs before repeat r + 1 of any

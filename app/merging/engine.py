@@ -4,8 +4,9 @@ The engine knows no method by name (the protocol is ``app.merging.protocol``). A
 a global step takes one pass: read a tensor of the base, the previous version and the expert,
 fold it, write it. A method with one (OPCM's rescale needs the norm of the whole update before any
 output tensor is final) takes two: pass 1 computes each tensor's update from the task vectors
-into a float32 scratch file while accumulating its norm and the expert's; the global step runs;
-pass 2 reads the updates back, finishes them and writes the output. Peak memory is a few of the
+into a float32 scratch (kept in memory while it fits what the memory budget leaves, else a
+file) while accumulating its norm and the expert's; the global step runs; pass 2 reads the
+updates back, finishes them and writes the output. Peak memory is a few of the
 largest tensors whatever the model's size.
 
 Everything a caller can get wrong (method, parameters, state, headers, keys, shapes, dtypes,
@@ -92,24 +93,57 @@ def _chunks(x: torch.Tensor) -> Iterator[slice]:
         yield slice(start, start + _NORM_CHUNK)
 
 
+# Two float64 chunks per thread, reused: a fresh 8 MiB tensor per chunk costs more in page
+# faults (the allocator hands large blocks back to the OS, see _bound_allocator) than the
+# conversion itself — measured 13 ms against 1.6 ms for the norm of the converted chunk.
+_wide_chunks = threading.local()
+
+
+def _float64(chunk: torch.Tensor, slot: int) -> torch.Tensor:
+    """``chunk.to(float64)``, the same values, written into this thread's reusable buffer ``slot``.
+
+    The buffer is overwritten by the next call with the same slot; a float64 chunk (or one not
+    on the CPU) is returned as it is, so the caller must not write into the result.
+    """
+    if chunk.dtype == torch.float64 or chunk.device.type != "cpu":
+        return chunk.to(torch.float64)
+    buffers = getattr(_wide_chunks, "buffers", None)
+    if buffers is None:
+        buffers = _wide_chunks.buffers = [None, None]
+    buffer = buffers[slot]
+    if buffer is None or buffer.numel() < chunk.numel():
+        buffer = buffers[slot] = torch.empty(max(chunk.numel(), _NORM_CHUNK), dtype=torch.float64)
+    return buffer[: chunk.numel()].copy_(chunk)
+
+
 def squared_norm(x: torch.Tensor) -> float:
     """‖x‖², accumulated in float64."""
     flat = x.reshape(-1)
-    return sum(float(torch.linalg.vector_norm(flat[c], dtype=torch.float64) ** 2) for c in _chunks(flat))
+    return sum(float(torch.linalg.vector_norm(_float64(flat[c], 0)) ** 2) for c in _chunks(flat))
 
 
 def squared_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖², accumulated in float64."""
     fa, fb = a.reshape(-1), b.reshape(-1)
-    return sum(
-        float(torch.linalg.vector_norm(fa[c].to(torch.float64) - fb[c].to(torch.float64)) ** 2) for c in _chunks(fa)
-    )
+    return sum(float(torch.linalg.vector_norm(_float64(fa[c], 0) - _float64(fb[c], 1)) ** 2) for c in _chunks(fa))
 
 
 def inner(a: torch.Tensor, b: torch.Tensor) -> float:
     """⟨a, b⟩, accumulated in float64."""
     fa, fb = a.reshape(-1), b.reshape(-1)
-    return sum(float(torch.dot(fa[c].to(torch.float64), fb[c].to(torch.float64))) for c in _chunks(fa))
+    return sum(float(torch.dot(_float64(fa[c], 0), _float64(fb[c], 1))) for c in _chunks(fa))
+
+
+def task_vector_sums(task: torch.Tensor, delta: torch.Tensor) -> tuple[float, float, float]:
+    """‖τ‖², ‖Δ‖² and ⟨τ, Δ⟩ in float64: the floats of squared_norm and inner, each chunk converted once."""
+    ft, fd = task.reshape(-1), delta.reshape(-1)
+    task_sq = delta_sq = cross = 0  # as sum() starts: the same floats, added in the same order
+    for c in _chunks(ft):
+        t64, d64 = _float64(ft[c], 0), _float64(fd[c], 1)
+        task_sq += float(torch.linalg.vector_norm(t64) ** 2)
+        delta_sq += float(torch.linalg.vector_norm(d64) ** 2)
+        cross += float(torch.dot(t64, d64))
+    return float(task_sq), float(delta_sq), float(cross)
 
 
 # --------------------------------------------------------------------------- sources and sinks
@@ -218,8 +252,56 @@ class _DictScratch(dict):
         self.clear()
 
 
-def _scratch_for(device: torch.device, base: TensorSource, directory: Path) -> Callable[[], Any]:
-    """Where pass 1 keeps D: in GPU memory when all of it fits with room to spare, else a file.
+class _SpillingScratch:
+    """Pass 1's updates in memory while they fit in ``room`` bytes, the rest spilled to a scratch file.
+
+    The updates are the same tensors wherever they are kept, so the fold writes the same bytes;
+    what is kept in memory skips one write and one read of the scratch file. Tensors streamed
+    under the budget (``reserve`` and the element/column methods) always go to the file.
+    """
+
+    def __init__(self, directory: Path, room: int) -> None:
+        self.directory, self.room = directory, room
+        self.kept: dict[str, torch.Tensor] = {}
+        self.held = 0
+        self.file: _ScratchFile | None = None
+
+    def _file(self) -> _ScratchFile:
+        if self.file is None:
+            self.file = _ScratchFile(self.directory)
+        return self.file
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.held + size <= self.room:
+            self.kept[name] = tensor
+            self.held += size
+        else:
+            self._file().put(name, tensor)
+
+    def get(self, name: str) -> torch.Tensor:
+        tensor = self.kept.pop(name, None)
+        if tensor is None:
+            return self._file().get(name)
+        self.held -= tensor.numel() * tensor.element_size()
+        return tensor
+
+    def __getattr__(self, attribute: str) -> Any:  # reserve, put_elements, put_columns, get_elements
+        return getattr(self._file(), attribute)
+
+    @property
+    def spilled_bytes(self) -> int:
+        return self.file.end if self.file is not None else 0
+
+    def close(self) -> None:
+        self.kept.clear()
+        if self.file is not None:
+            self.file.close()
+
+
+def _scratch_for(device: torch.device, base: TensorSource, directory: Path, room: int = 0) -> Callable[[], Any]:
+    """Where pass 1 keeps D: in GPU memory when all of it fits with room to spare, else host memory
+    up to ``room`` bytes (what the memory budget leaves beside the fold's working set), else a file.
 
     On a GPU the decomposition is fast enough that writing and re-reading a float32 copy of the
     model would dominate the fold; the host keeps its memory bound either way.
@@ -230,7 +312,7 @@ def _scratch_for(device: torch.device, base: TensorSource, directory: Path) -> C
         free, _ = torch.cuda.mem_get_info(device)
         if needed + 8 * largest < 0.8 * free:
             return _DictScratch
-    return lambda: _ScratchFile(directory)
+    return lambda: _SpillingScratch(directory, room)
 
 
 class _DictSink(dict):
@@ -591,11 +673,14 @@ def _update_pass(f: _FoldInputs, scratch: Any) -> None:
             task = f.preprocessed(name, task)
         if f.postprocess:
             delta = f.raw_previous(name, delta)
-        task_sq = squared_norm(task)
+        task_sq, delta_sq, cross = task_vector_sums(task, delta)
         totals.expert_sq += task_sq
-        totals.previous_sq += squared_norm(delta)
-        totals.cross += inner(task, delta)
-        x = TensorUpdate(name, f.seed(name), f.is_linear(name), f.version, task, delta, task_sq, f.svd_method)
+        totals.previous_sq += delta_sq
+        totals.cross += cross
+        # a float64 sum of squares of float32/16 values is 0 only when every value is (no underflow)
+        nonzero = delta_sq > 0 if delta.dtype != torch.float64 else None
+        x = TensorUpdate(name, f.seed(name), f.is_linear(name), f.version, task, delta, task_sq, f.svd_method,
+                         delta_nonzero=nonzero)
         update = f.method.update_tensor(x)
         del x, delta, task
         totals.update_sq += squared_norm(update)
@@ -859,6 +944,26 @@ def plan_memory(
             )
         streamed.add(name)
     return frozenset(streamed)
+
+
+def scratch_room(
+    base: TensorSource, is_linear: Callable[[str], bool], streamed: frozenset[str], budget: int | None
+) -> int:
+    """Bytes of pass-1 updates a fold may keep in memory: what ``budget`` leaves beside its working set.
+
+    The working set is the largest tensor's fold (:func:`_fold_bytes`, whole or streamed) plus
+    what the read-ahead and the write-behind hold (one tensor each of three inputs and the
+    output, each at most budget / 8). Without a budget, nothing: the updates go to the scratch
+    file and the fold holds a few tensors whatever the model's size.
+    """
+    if budget is None:
+        return 0
+    working = largest = 0
+    for name, spec in base.tensors.items():
+        working = max(working, _fold_bytes(spec, spec.is_floating and is_linear(name), streamed=name in streamed))
+        if name not in streamed:
+            largest = max(largest, spec.nbytes)
+    return max(0, budget - working - 4 * min(largest, budget // 8))
 
 
 def resolve_memory_budget(value: int | None) -> int | None:
@@ -1165,8 +1270,11 @@ def fold_checkpoint(
 
         lineage = {key: value for key, value in (lineage or {}).items() if value is not None}
         card = folders.card_lineage(lineage)
-        lineage.setdefault("parent_sha256", folders.checkpoint_sha256(previous if previous is not None else base))
-        lineage.setdefault("expert_sha256", folders.checkpoint_sha256(expert))
+        # hashed only when the caller did not say (the service passes both): a full read of two inputs
+        if "parent_sha256" not in lineage:
+            lineage["parent_sha256"] = folders.checkpoint_sha256(previous if previous is not None else base)
+        if "expert_sha256" not in lineage:
+            lineage["expert_sha256"] = folders.checkpoint_sha256(expert)
         card.setdefault("experts", [{"name": Path(expert).name, "sha256": lineage["expert_sha256"]}])
         metadata = fold_metadata(fold_method.name, prepared.stored_params, version, lineage)
         scratch_root = Path(scratch_dir) if scratch_dir is not None else out.parent
@@ -1202,12 +1310,14 @@ def fold_checkpoint(
                 ahead_limit=budget // 8 if budget is not None else None,
                 factored=low_rank,
             )
-            scratch_factory = (
-                (lambda: _ScratchFile(scratch_root)) if streamed else _scratch_for(torch_device, base_ck, scratch_root)
-            )
-            new_state, metrics = _fold(inputs, scratch_factory)
+            room = scratch_room(base_ck, inputs.is_linear, streamed, budget)
+            scratches: list[Any] = []
+            make_scratch = _scratch_for(torch_device, base_ck, scratch_root, room)
+            new_state, metrics = _fold(inputs, lambda: scratches.append(make_scratch()) or scratches[-1])
             metrics["streamed_tensors"] = float(len(streamed))
             metrics["low_rank_tensors"] = float(len(inputs.low_rank))
+            if fold_method.has_global_step:  # how much of pass 1's update went through the scratch file
+                metrics["scratch_spilled_bytes"] = float(sum(getattr(s, "spilled_bytes", 0) for s in scratches))
             writer.describe(
                 method=fold_method.name, params=prepared.stored_params, version=version, metrics=metrics, **card
             )

@@ -273,16 +273,28 @@ class AdapterSource:
         return self.base.names()
 
     def factored_names(self) -> list[str]:
-        """The base tensors whose task vector this adapter holds as factors (its LoRA targets)."""
-        return list(self.plan.targets)
+        """The 2-D base tensors whose task vector this adapter gives as factors: its LoRA targets (rank r)
+        and the floating matrices it leaves alone (rank 0: τ = 0, known without reading anything)."""
+        return [
+            name for name in self.base.names()
+            if name in self.plan.targets or (
+                name not in self.plan.replacements and self.tensors[name].is_floating and len(self.tensors[name].shape) == 2
+            )
+        ]
 
     def low_rank(
         self, name: str, *, dtype: torch.dtype = torch.float32, device: Any = "cpu"
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(L, R) with τ = L @ R for a LoRA target (L m×r, R r×n in the base weight's orientation), else None."""
+        """(L, R) with τ = L @ R (L m×r, R r×n in the base weight's orientation) for a tensor of
+        :meth:`factored_names` — r = 0 for one the adapter leaves alone — else None."""
+        if name in self.plan.replacements:
+            return None
         target = self.plan.targets.get(name)
         if target is None:
-            return None
+            shape = self.tensors[name].shape
+            if len(shape) != 2 or not self.tensors[name].is_floating:
+                return None
+            return torch.zeros((shape[0], 0), dtype=dtype, device=device), torch.zeros((0, shape[1]), dtype=dtype, device=device)
         a = self.adapter.read(target.a_key).to(device=device, dtype=dtype)
         b = self.adapter.read(target.b_key).to(device=device, dtype=dtype)
         if target.transpose:  # τ = s (B A)ᵀ = (s Aᵀ)(Bᵀ)

@@ -599,8 +599,11 @@ def fold_in_parts(
     work = Path(scratch_dir) if scratch_dir is not None else out.parent / f".{out.name}.parts"
     work.mkdir(parents=True, exist_ok=True)
     lineage = dict(lineage or {})
-    lineage.setdefault("parent_sha256", folders.checkpoint_sha256(previous if previous is not None else base))
-    lineage.setdefault("expert_sha256", folders.checkpoint_sha256(expert))
+    # Hash only what the lineage does not give (a setdefault would read both checkpoints again regardless).
+    if "parent_sha256" not in lineage:
+        lineage["parent_sha256"] = folders.checkpoint_sha256(previous if previous is not None else base)
+    if "expert_sha256" not in lineage:
+        lineage["expert_sha256"] = folders.checkpoint_sha256(expert)
     lineage.setdefault("experts", [{"name": Path(expert).name, "sha256": lineage["expert_sha256"]}])
     with contextlib.ExitStack() as stack:
         base_ck = stack.enter_context(folders.open_source(base))

@@ -95,6 +95,7 @@ class TensorUpdate(_Seeded):
     delta: torch.Tensor
     task_sq: float  # ‖τ_t‖² of this tensor, float64
     svd_method: str = "auto"
+    delta_nonzero: bool | None = None  # whether any element of Δ is non-zero; None: not known
 
 
 @dataclass

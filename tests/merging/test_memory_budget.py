@@ -226,3 +226,37 @@ def test_the_cgroup_harness_reports_an_oom_kill(tmp_path: Path) -> None:
         done = out_of_core.run_in_cgroup([sys.executable, "-c", hog], group, dict(os.environ), timeout=60)
     assert done["oom_killed"] and done["returncode"] == -9
     assert done["peak_bytes"] <= 64 * 1024**2
+
+
+def test_pass_one_keeps_what_the_budget_leaves_in_memory_and_spills_the_rest(tmp_path: Path) -> None:
+    """OPCM's updates: all to the scratch file without a budget, none with room for all, the same bytes either way."""
+    base = _model(3, torch.float32)
+    floating = sum(t.numel() * 4 for t in base.values() if t.is_floating_point())
+    paths = [ref.save(base, tmp_path / "base.safetensors")]
+    for t in (1, 2):
+        paths.append(ref.save(ref.tiny_expert(base, t, scale=0.01), tmp_path / f"e{t}.safetensors"))
+    state = {"method": "opcm", "version": 1, "expert_norms": [1.0], "lambda": 1.0}
+    results = {
+        budget: fold_checkpoint("opcm", {}, paths[0], paths[1], paths[2], state, tmp_path / f"v2-{budget}.safetensors",
+                                2, device="cpu", lineage={"parent_sha256": "-", "expert_sha256": "-"},
+                                memory_budget=budget)
+        for budget in (None, 256 * 1024**2)
+    }
+    assert results[None].metrics["scratch_spilled_bytes"] == floating
+    assert results[256 * 1024**2].metrics["scratch_spilled_bytes"] == 0
+    assert results[256 * 1024**2].metrics["streamed_tensors"] == 0
+    assert results[None].sha256 == results[256 * 1024**2].sha256
+
+
+def test_the_spilling_scratch_keeps_tensors_while_they_fit_and_reads_every_one_back(tmp_path: Path) -> None:
+    scratch = engine._SpillingScratch(tmp_path, room=1000)
+    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(4)}  # 400 bytes each: two fit
+    for name, tensor in tensors.items():
+        scratch.put(name, tensor)
+    assert sorted(scratch.kept) == ["t0", "t1"]
+    assert scratch.spilled_bytes == 800
+    for name, tensor in tensors.items():
+        assert torch.equal(scratch.get(name), tensor)
+    assert scratch.held == 0
+    scratch.close()
+    assert list(tmp_path.iterdir()) == []

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -32,6 +34,27 @@ _ROW_BLOCK = ROW_BLOCK
 # completes U to an orthonormal basis) is used instead. Above it the Gram route measured more
 # accurate than float32 LAPACK SVD (bench/fold.py --svd-alternatives).
 _GRAM_MIN_CONDITION = 1e-6
+
+
+@contextlib.contextmanager
+def _one_lapack_thread(device: torch.device) -> Iterator[None]:
+    """Run a CPU eigendecomposition or SVD on one thread, then restore the thread count.
+
+    LAPACK's eigh/SVD of the n×n (n ≤ a few thousand) matrices of a fold are chains of small
+    steps with a barrier each: on this project's 2-core machine two threads made eigh(768×768)
+    3–5× slower than one, and a float32 SVD 15×, whenever anything else used a core (bench/fold.py
+    profile, bench/results/fold_vit_b32.json). One thread also makes the decomposition's bytes
+    independent of the machine's core count. Matrix products keep torch's thread count.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class OPCMParams(BaseModel):
@@ -74,7 +97,8 @@ def economy_svd(delta: Tensor, *, method: str = "auto") -> tuple[Tensor, Tensor,
         found = _gram_svd(delta, strict=method == "gram")
         if found is not None:
             return found
-    return torch.linalg.svd(delta, full_matrices=False)
+    with _one_lapack_thread(delta.device):
+        return torch.linalg.svd(delta, full_matrices=False)
 
 
 def _gram_eigh(tall: Tensor, *, strict: bool) -> tuple[Tensor, Tensor] | None:
@@ -88,7 +112,8 @@ def _gram_eigh(tall: Tensor, *, strict: bool) -> tuple[Tensor, Tensor] | None:
 
 
 def _eigh_of_gram(gram: Tensor, *, strict: bool) -> tuple[Tensor, Tensor] | None:
-    evals, v = torch.linalg.eigh(gram)
+    with _one_lapack_thread(gram.device):
+        evals, v = torch.linalg.eigh(gram)
     evals, v = evals.flip(0), v.flip(1)  # descending
     s = evals.clamp_min(0).sqrt()
     if not strict and (s[0] == 0 or s[-1] < _GRAM_MIN_CONDITION * s[0]):
@@ -238,6 +263,7 @@ def opcm_update(
     svd_method: str = "auto",
     inplace: bool = False,
     factors: tuple[Tensor, Tensor] | None = None,
+    delta_nonzero: bool | None = None,
 ) -> tuple[Tensor, int | None, float]:
     r"""One tensor of OPCM's unscaled update :math:`D = \lambda_{t-1}\Delta + \tilde\tau_t`.
 
@@ -257,13 +283,14 @@ def opcm_update(
 
     ``factors`` (L, R) with τ = L R: the projection takes its products with τ through them
     (:func:`project_task_vector`).
+    ``delta_nonzero``: whether Δ has a non-zero element, when the caller already knows (else it is checked).
 
     Returns D (over ``task`` when ``inplace``), r (None when nothing was projected) and the squared
     norm the projection removed.
     """
     r: int | None = None
     removed_sq = 0.0
-    if linear and task.ndim == 2 and bool(delta.any()):
+    if linear and task.ndim == 2 and (delta_nonzero if delta_nonzero is not None else bool(delta.any())):
         task, r, removed_sq = project_task_vector(
             delta, task, alpha=alpha, svd_method=svd_method, inplace=inplace, factors=factors
         )
@@ -319,7 +346,7 @@ class OPCM(MergeMethod):
             self.linear_expert_sq += x.task_sq
         update, r, removed_sq = opcm_update(
             x.delta, x.task, alpha=self.params.alpha, lambda_prev=self.lambda_prev, linear=x.linear,
-            svd_method=x.svd_method, inplace=True, factors=factors,
+            svd_method=x.svd_method, inplace=True, factors=factors, delta_nonzero=x.delta_nonzero,
         )
         if r is not None:
             self.removed_sq += removed_sq
@@ -330,10 +357,14 @@ class OPCM(MergeMethod):
         r"""A LoRA target's update (DESIGN §4.1): the projection's products with τ = L R go through the factors.
 
         τ itself is formed once (m·n·r), for τ̃ = τ − U M Vᵀ; what is saved is the m·n·k product
-        Δᵀτ (or Uᵀτ), taken as (ΔᵀL)R, and is worth it when r(m + n) < m·n.
+        Δᵀτ (or Uᵀτ), taken as (ΔᵀL)R, and is worth it when r(m + n) < m·n. A matrix the adapter
+        does not touch comes as rank 0: its τ̃ is 0 without decomposing Δ (the densified fold
+        projects the zero τ to the same zero, so the bytes agree; it is not counted as projected).
         """
         m, n = x.delta.shape
         rank = x.left.shape[1]
+        if rank == 0:  # a matrix the adapter leaves alone: τ = 0, so τ̃ = 0 whatever Δ and D = λ_{t−1}Δ
+            return self.update_tensor(dataclasses.replace(x.dense(), linear=False))
         return self.update_tensor(x.dense(), factors=(x.left, x.right) if rank * (m + n) < m * n else None)
 
     def update_tensor_blocked(self, x: BlockedTensorUpdate) -> None:

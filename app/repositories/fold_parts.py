@@ -54,35 +54,30 @@ def claim(session: Session, part_id: str, *, owner: str, now: float, lease_secon
     return result.rowcount == 1
 
 
-def heartbeat(session: Session, part_id: str, *, owner: str, until: float) -> bool:
+def _update_held(session: Session, part_id: str, owner: str, **values: Any) -> bool:
+    """One conditional UPDATE of a running part whose lease ``owner`` still holds; False if it was lost."""
     result = session.execute(
         update(FoldPart)
         .where(FoldPart.id == part_id, FoldPart.lease_owner == owner, FoldPart.status == S.running)
-        .values(lease_expires_at=until)
+        .values(**values)
         .execution_options(synchronize_session=False)
     )
     return result.rowcount == 1
+
+
+def heartbeat(session: Session, part_id: str, *, owner: str, until: float) -> bool:
+    return _update_held(session, part_id, owner, lease_expires_at=until)
 
 
 def finish(session: Session, part_id: str, *, owner: str, **values: Any) -> bool:
     """Record a part done; False if its lease was lost meanwhile (another worker redoes it, with the same bytes)."""
-    result = session.execute(
-        update(FoldPart)
-        .where(FoldPart.id == part_id, FoldPart.lease_owner == owner, FoldPart.status == S.running)
-        .values(status=S.done, lease_owner=None, lease_expires_at=None, finished_at=func.current_timestamp(), **values)
-        .execution_options(synchronize_session=False)
-    )
-    return result.rowcount == 1
+    return _update_held(session, part_id, owner, status=S.done, lease_owner=None, lease_expires_at=None,
+                        finished_at=func.current_timestamp(), **values)
 
 
 def release(session: Session, part_id: str, *, owner: str) -> None:
     """Give a part back (a transient failure): pending again, for its retry."""
-    session.execute(
-        update(FoldPart)
-        .where(FoldPart.id == part_id, FoldPart.lease_owner == owner, FoldPart.status == S.running)
-        .values(status=S.pending, lease_owner=None, lease_expires_at=None)
-        .execution_options(synchronize_session=False)
-    )
+    _update_held(session, part_id, owner, status=S.pending, lease_owner=None, lease_expires_at=None)
 
 
 def done_fraction(session: Session, version_id: str) -> float:

@@ -39,3 +39,9 @@ def not_finite(model_dir: Path, *, device: str, params: dict) -> dict[str, float
 def constant(model_dir: Path, *, device: str, params: dict) -> dict[str, float]:
     """What the entry-point test registers: the params' value and where it ran."""
     return {"value": float(params.get("value", 1.0)), "on_cpu": float(device == "cpu")}
+
+
+def seen(model_dir: Path, *, device: str, params: dict, context: dict) -> dict[str, float]:
+    """What the service says of the version: its number, how many experts it merged, and which (as 1.0 each)."""
+    return {"version": float(context["version"]), "experts": float(len(context["experts"])),
+            **{f"merged:{name}": float(i) for i, name in enumerate(context["experts"], start=1)}}

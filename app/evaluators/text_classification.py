@@ -2,12 +2,16 @@
 
 A plugin of the ``mergeline.evaluators`` entry-point group (name ``text-classification``)::
 
-    evaluate(model_dir, *, device="cpu", params={"bundle": "/path/tasks.safetensors"}) -> {"<task>": acc, ..., "mean": acc}
+    evaluate(model_dir, *, device="cpu", params={"bundle": "/path/tasks.safetensors"}, context=None)
+        -> {"<task>": acc, ..., "mean": acc}
 
 ``params``: ``bundle`` (required), ``threads`` (torch CPU threads for this process), ``attention_heads``
 (for an encoder without a config.json beside it; default 12, MiniLM's), ``compute_dtype`` (``"float32"``,
 the default, or ``"bfloat16"``: the matrix products under CPU/GPU autocast, which Xeons with AMX run
-several times faster; weights and LayerNorms stay float32).
+several times faster; weights and LayerNorms stay float32), ``tasks``: which of the bundle's tasks are
+measured and averaged -- ``"all"`` (the default), a list of task names, or ``"experts"``: the tasks named
+like the experts merged into the version (the service's ``context["experts"]``), so that versions are
+compared on what they were asked to learn so far and not on tasks still to come.
 
 ``model_dir`` is what a version downloads as: a Hugging Face model folder (``*.safetensors`` shards
 beside ``config.json``) or a single ``.safetensors`` file. The **bundle** holds everything else the
@@ -279,9 +283,36 @@ def task_accuracy(features: Tensor, task: TaskData) -> float:
     return float((logits.argmax(dim=1).cpu() == task.labels).float().mean())
 
 
+def chosen_tasks(tasks: Mapping[str, TaskData], params: Mapping[str, Any],
+                 context: Mapping[str, Any] | None) -> dict[str, TaskData]:
+    """The tasks ``params["tasks"]`` names (see the module's docstring), in the bundle's order."""
+    spec = params.get("tasks", "all")
+    if spec == "all":
+        return dict(tasks)
+    if spec == "experts":
+        experts = (context or {}).get("experts")
+        if not isinstance(experts, list):
+            raise EvaluatorInputError('params.tasks = "experts" needs the version\'s expert names, which only the '
+                                      "service's worker passes (the context keyword); name the tasks instead")
+        names = set(experts) & set(tasks)
+        if not names:
+            raise EvaluatorInputError(f"none of the version's experts ({', '.join(map(str, experts[:10])) or 'none'}) "
+                                      f"is named like a task of the bundle ({', '.join(tasks)})")
+    elif isinstance(spec, list) and spec and all(isinstance(n, str) for n in spec):
+        unknown = [n for n in spec if n not in tasks]
+        if unknown:
+            raise EvaluatorInputError(f"params.tasks names {', '.join(unknown[:10])}, not in the bundle ({', '.join(tasks)})")
+        names = set(spec)
+    else:
+        raise EvaluatorInputError('params.tasks must be "all", "experts" or a non-empty list of task names, '
+                                  f"not {spec!r}")
+    return {name: task for name, task in tasks.items() if name in names}
+
+
 @torch.no_grad()
-def evaluate(model_dir: Path | str, *, device: str = "cpu", params: Mapping[str, Any] | None = None) -> dict[str, float]:
-    """Validation accuracy of the checkpoint on every task of ``params["bundle"]``, and their mean."""
+def evaluate(model_dir: Path | str, *, device: str = "cpu", params: Mapping[str, Any] | None = None,
+             context: Mapping[str, Any] | None = None) -> dict[str, float]:
+    """Validation accuracy of the checkpoint on the chosen tasks of ``params["bundle"]``, and their mean."""
     params = dict(params or {})
     if "bundle" not in params:
         raise EvaluatorInputError("text-classification needs params.bundle: the path of the tasks bundle to evaluate on")
@@ -292,6 +323,7 @@ def evaluate(model_dir: Path | str, *, device: str = "cpu", params: Mapping[str,
                                   f"not {params['compute_dtype']!r}")
     dtype = COMPUTE_DTYPES[params.get("compute_dtype", "float32")]
     tasks, first_layer = load_bundle(Path(params["bundle"]))
+    tasks = chosen_tasks(tasks, params, context)
     state = load_checkpoint(Path(model_dir))
     state = {k: v.to(device) for k, v in state.items()}
     whole = "embeddings.word_embeddings.weight" in state

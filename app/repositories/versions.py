@@ -208,6 +208,28 @@ def folds_before(session: Session, parent: Version) -> int:
     ) or 0
 
 
+def merged_expert_names(session: Session, version: Version) -> list[str]:
+    """The names of the experts merged into ``version``, in fold order: its succeeded versions up to it.
+
+    A skipped version's expert is left out (its successor was folded from its parent), so the
+    list is what the checkpoint holds, the same count as :func:`folds_before`.
+    """
+    if version.number == 0:
+        return []
+    rows = session.execute(
+        select(Expert.name)
+        .join(Version, Version.expert_id == Expert.id)
+        .where(
+            Version.stream_id == version.stream_id,
+            Version.number >= 1,
+            Version.number <= version.number,
+            Version.status == S.succeeded,
+        )
+        .order_by(Version.number)
+    )
+    return [name for (name,) in rows]
+
+
 def next_after(session: Session, stream_id: str, number: int) -> Version | None:
     return by_number(session, stream_id, number + 1)
 

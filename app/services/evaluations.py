@@ -102,11 +102,14 @@ def run_evaluation(ctx, evaluation_id: str, *, owner: str | None = None) -> str:
         version = versions_repo.get(session, evaluation.version_id)
         name, params = evaluation.evaluator, evaluation.params or {}
         key, stream_id, number = version.object_key, version.stream_id, version.number
+        # What the plugin may know of the version beyond its weights (an optional ``context`` keyword).
+        context = {"stream_id": stream_id, "version": number,
+                   "experts": versions_repo.merged_expert_names(session, version)}
     if key is None or not key.endswith(".safetensors"):
         # A folder version (branch `folders`) has a manifest, not one object: not handed to plugins yet.
         metrics, error = None, f"version {number} is not a single .safetensors checkpoint; evaluators run on those only"
     else:
-        metrics, error = _run_plugin(ctx, evaluation_id, owner, key, name, params, timeout)
+        metrics, error = _run_plugin(ctx, evaluation_id, owner, key, name, params, timeout, context)
     if error is not None:
         log.warning("evaluation %s of stream %s version %s failed: %s", evaluation_id, stream_id, number, error)
 
@@ -128,7 +131,8 @@ def run_evaluation(ctx, evaluation_id: str, *, owner: str | None = None) -> str:
     return "succeeded" if error is None else "failed"
 
 
-def _run_plugin(ctx, evaluation_id: str, owner: str, key: str, name: str, params: dict, timeout: float):  # noqa: ANN001, ANN202
+def _run_plugin(ctx, evaluation_id: str, owner: str, key: str, name: str, params: dict, timeout: float,  # noqa: ANN001, ANN202
+                context: dict):
     """The version as a model folder in scratch space, and the plugin run on it: (metrics, None) or (None, error)."""
     from app.services.evaluators import run_isolated
 
@@ -147,6 +151,7 @@ def _run_plugin(ctx, evaluation_id: str, owner: str, key: str, name: str, params
             model_dir,
             device=ctx.settings.device,
             params=params,
+            context=context,
             timeout=timeout,
             scratch=scratch / "run",
             allowed_modules=ctx.settings.evaluator_module_prefixes,

@@ -2,6 +2,9 @@
 
 A plugin is ``evaluate(model_dir: Path, *, device: str, params: dict) -> dict[str, float]``,
 registered under the entry point group ``mergeline.evaluators`` (``load_evaluator("name")``).
+A plugin that also takes a ``context`` keyword (or ``**kwargs``) is given what the service knows
+of the version: ``{"stream_id", "version": n, "experts": [names of the merged experts, in fold
+order]}`` -- e.g. to measure only the tasks merged so far.
 A stream may instead name ``"package.module:function"``; that imports code chosen by an API
 client on the workers, so it is allowed only for modules under ``MERGELINE_EVALUATOR_MODULES``
 (comma-separated prefixes; empty by default, which refuses every dotted path). Entry points are
@@ -14,6 +17,7 @@ raises, hangs, crashes the interpreter or returns junk fails only its evaluation
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -125,6 +129,7 @@ def run_isolated(
     timeout: float,
     scratch: Path,
     allowed_modules: list[str],
+    context: dict[str, Any] | None = None,
 ) -> IsolatedRun:
     """Run the plugin in a child process group; kill it after ``timeout`` seconds."""
     scratch.mkdir(parents=True, exist_ok=True)
@@ -136,6 +141,7 @@ def run_isolated(
                 "model_dir": str(model_dir),
                 "device": device,
                 "params": params,
+                "context": context,
                 "answer": str(answer),
                 "allowed_modules": allowed_modules,
                 "parent_pid": os.getpid(),
@@ -164,6 +170,16 @@ def run_isolated(
             return IsolatedRun(body["metrics"], None)
     tail = log_path.read_text(errors="replace")[-1500:].strip()
     return IsolatedRun(None, f"the evaluator process exited with status {child.returncode}: {tail}"[:4000])
+
+
+def takes_context(evaluate: Evaluator) -> bool:
+    """Whether a plugin accepts the ``context`` keyword (by name, or through ``**kwargs``)."""
+    try:
+        parameters = inspect.signature(evaluate).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: call it the plain way
+        return False
+    return any(p.kind is p.VAR_KEYWORD or (p.name == "context" and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+               for p in parameters)
 
 
 def _kill_group(child: subprocess.Popen) -> None:
@@ -199,7 +215,8 @@ def _child_main(request_path: str) -> int:
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         evaluate = load_evaluator(request["name"], allowed_modules=request["allowed_modules"])
-        metrics = check_metrics(evaluate(Path(request["model_dir"]), device=device, params=request["params"]))
+        extra = {"context": request["context"]} if request.get("context") is not None and takes_context(evaluate) else {}
+        metrics = check_metrics(evaluate(Path(request["model_dir"]), device=device, params=request["params"], **extra))
     except Exception as exc:  # noqa: BLE001 - any failure of the plugin is the evaluation's, reported in words
         answer.write_text(json.dumps({"error": f"{type(exc).__name__}: {exc}"[:4000]}))
         return 1

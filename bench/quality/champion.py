@@ -133,7 +133,9 @@ def measure(*, config: Any, seed: int, orders: list[list[str]], prepared: Any, w
             stream = service.ok(service.client.post("/v1/streams", json={
                 "name": f"seed{seed}-order{order_index}", "method": head.method, "params": dict(head.params),
                 "evaluator": {"name": evaluator, "params": {"bundle": str(bundle), "threads": 1,
-                                                           "compute_dtype": config.compute_dtype}},
+                                                           "compute_dtype": config.compute_dtype,
+                                                           # the tasks merged so far, as the hindsight test
+                                                           "tasks": "experts"}},
                 "champion": {"metric": "mean", "mode": "max",
                              "candidates": [{"method": c.method, "params": dict(c.params), "name": f"c{i}"}
                                             for i, c in enumerate(candidates)]},

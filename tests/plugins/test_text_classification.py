@@ -129,6 +129,28 @@ def test_refusals_say_what_is_missing(tmp_path: Path, state: dict[str, torch.Ten
         tc.evaluate(tmp_path / "empty-dir-that-is-not-there", params={"bundle": str(uncached)})
 
 
+def test_tasks_chooses_what_is_measured_and_averaged(tmp_path: Path, state: dict[str, torch.Tensor]) -> None:
+    top = tmp_path / "top.safetensors"
+    save_file(top_layers(state), str(top))
+    bundle = str(_bundle(tmp_path, state, cached=True))
+    # "experts": the tasks named like the version's merged experts (an unknown expert name is no task)
+    seen = tc.evaluate(top, params={"bundle": bundle, "tasks": "experts"}, context={"experts": ["news", "other"]})
+    assert seen == pytest.approx({"news": 3 / 4, "mean": 3 / 4})
+    named = tc.evaluate(top, params={"bundle": bundle, "tasks": ["mixed"]})
+    assert named == pytest.approx({"mixed": 4 / 5, "mean": 4 / 5})
+    both = tc.evaluate(top, params={"bundle": bundle, "tasks": "experts"}, context={"experts": ["mixed", "news"]})
+    assert both == tc.evaluate(top, params={"bundle": bundle})  # every task: the default
+    for params, context, match in (
+        ({"tasks": "experts"}, None, "only the service's worker passes"),
+        ({"tasks": "experts"}, {"experts": ["sports"]}, r"none of the version's experts \(sports\)"),
+        ({"tasks": ["news", "weather"]}, None, "names weather, not in the bundle"),
+        ({"tasks": []}, None, "non-empty list of task names"),
+        ({"tasks": "seen"}, None, "not 'seen'"),
+    ):
+        with pytest.raises(tc.EvaluatorInputError, match=match):
+            tc.evaluate(top, params={"bundle": bundle, **params}, context=context)
+
+
 def test_registered_as_the_text_classification_entry_point() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     target = project["project"]["entry-points"]["mergeline.evaluators"]["text-classification"]

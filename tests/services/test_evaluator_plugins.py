@@ -173,3 +173,33 @@ def test_an_entry_point_plugin_is_found_and_run(lineage_api: LineageApi, tmp_pat
     (evaluation,) = evaluations_of(api, sid)[1]
     assert evaluation == {**evaluation, "status": "succeeded", "metrics": {"value": 0.25, "on_cpu": 1.0}}
     assert sys.path[0] == str(site)
+
+
+@sqlite_only
+def test_a_plugin_taking_context_is_told_the_version_and_its_merged_experts(lineage_api: LineageApi) -> None:
+    """context["experts"]: the version's merged experts in fold order; a skipped expert is not one of them."""
+    from sqlalchemy import text
+
+    api = lineage_api
+    sid = stream_with(api, "tests.evaluators:seen")
+    for seed in (1, 2, 3):
+        api.upload(sid, seed)
+    with api.ctx.db.session() as session:  # version 2's expert object goes behind the service's back
+        key = session.execute(text("SELECT e.object_key FROM experts e JOIN versions v ON v.expert_id = e.id "
+                                   "WHERE v.stream_id = :s AND v.number = 2"), {"s": sid}).scalar_one()
+    api.ctx.store.delete(key)
+    api.drain()
+    assert [v["status"] for v in api.get(f"/v1/streams/{sid}/versions").json()["versions"]][1:3] == ["succeeded", "failed"]
+    assert api.client.post(f"/v1/streams/{sid}/versions/2/skip", headers=api.headers()).status_code == 200
+    api.drain()
+    versions = api.get(f"/v1/streams/{sid}/versions").json()["versions"]
+    assert [v["status"] for v in versions] == ["succeeded", "succeeded", "skipped", "succeeded"]
+    assert versions[1]["evaluations"][0]["metrics"] == {"version": 1.0, "experts": 1.0, "merged:task1": 1.0}
+    assert versions[2]["evaluations"] == []
+    assert versions[3]["evaluations"][0]["metrics"] == {"version": 3.0, "experts": 2.0, "merged:task1": 1.0,
+                                                        "merged:task3": 2.0}
+    # a plugin without the keyword is called the plain way (neg_distance above), and one with **kwargs gets it
+    from app.services.evaluators import takes_context
+
+    assert not takes_context(lambda model_dir, *, device, params: {})
+    assert takes_context(lambda model_dir, *, device, params, **kwargs: {})

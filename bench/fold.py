@@ -10,7 +10,8 @@ in the same run, interleaved repeat by repeat so that load on the shared machine
   plain buffered I/O (8 MiB reads and writes, fsync at the end, as the engine's writer does);
 - decompose: the per-linear-tensor decompositions alone (the engine's float64 Gram + eigh), the
   inputs read beforehand and not timed; "compute" is the whole projection of every linear tensor
-  (decomposition plus the products), also with no I/O;
+  (decomposition plus the products), also with no I/O. Both run as the engine runs them: on the
+  CPU, --threads tensors at once, one intra-op thread each;
 - naive: DESIGN §4 read literally: three whole models in memory as float32, full-bases SVD;
 - fusionbench: FusionBench's OPCM (fusion_bench.method.opcm.opcm_general.OPCM, `pip install
   fusion-bench --no-deps`, see `make install-bench`) on nn.Modules built from the same files, every
@@ -280,35 +281,57 @@ def _linear_names(checkpoint) -> list[str]:
 
 
 def run_decompose(paths: dict[str, Path], device: str, out: Path) -> dict:
-    """The decompositions alone (and the whole projection, compute only); reads are not timed."""
+    """The decompositions alone (and the whole projection, compute only); reads are not timed.
+
+    As the engine computes them: on the CPU, ``threads`` tensors at once on one intra-op thread
+    each (``engine._Computations``), so both use the same cores the same way. Tensors are read
+    (untimed) in batches of at most 2 GB, and each batch's decompositions are timed as a whole.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from app.merging.methods import opcm
 
     dev = torch.device("cuda" if device == "cuda" else "cpu")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    width = torch.get_num_threads() if dev.type == "cpu" else 1
     decompose = compute = 0.0
     count = 0
+
+    def gram(pair: tuple[torch.Tensor, torch.Tensor]) -> None:
+        delta = pair[0]
+        opcm._gram_eigh(delta.T if delta.shape[0] < delta.shape[1] else delta, strict=False)
+
+    def project(pair: tuple[torch.Tensor, torch.Tensor]) -> None:
+        opcm.project_task_vector(pair[0], pair[1], alpha=0.5, inplace=True)
+
+    def timed(pool: ThreadPoolExecutor, fn, batch) -> float:  # noqa: ANN001
+        sync()
+        t0 = time.perf_counter()
+        list(pool.map(fn, batch))
+        sync()
+        return time.perf_counter() - t0
+
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        torch.set_num_threads(1)
     with stio.open_checkpoint(paths["base"]) as base, stio.open_checkpoint(paths["e1"]) as prev, \
-            stio.open_checkpoint(paths["e2"]) as expert:
-        for name in _linear_names(base):
-            b = base.read(name).to(dev, torch.float32)
-            delta = prev.read(name).to(dev, torch.float32).sub_(b)
-            task = expert.read(name).to(dev, torch.float32).sub_(b)
-            del b
-            tall = delta.T if delta.shape[0] < delta.shape[1] else delta
-            sync()
-            t0 = time.perf_counter()
-            opcm._gram_eigh(tall, strict=False)
-            sync()
-            t1 = time.perf_counter()
-            opcm.project_task_vector(delta, task, alpha=0.5, inplace=True)
-            sync()
-            t2 = time.perf_counter()
-            decompose += t1 - t0
-            compute += t2 - t1
-            count += 1
-            del delta, task
+            stio.open_checkpoint(paths["e2"]) as expert, ThreadPoolExecutor(max_workers=width) as pool:
+        names = _linear_names(base)
+        while names:
+            batch, held = [], 0
+            while names and (not batch or held + 8 * base.tensors[names[0]].numel <= 2 * 1024**3):
+                name = names.pop(0)
+                b = base.read(name).to(dev, torch.float32)
+                batch.append((prev.read(name).to(dev, torch.float32).sub_(b), expert.read(name).to(dev, torch.float32).sub_(b)))
+                held += 8 * base.tensors[name].numel
+                del b
+            decompose += timed(pool, gram, batch)
+            compute += timed(pool, project, batch)
+            count += len(batch)
+            del batch
+    torch.set_num_threads(threads)
     return {"lambda": 0.0, "decompose_seconds": decompose, "compute_seconds": compute, "linear_tensors": count,
-            "timed": "decompose_seconds"}
+            "compute_threads": width, "timed": "decompose_seconds"}
 
 
 def run_fusionbench(paths: dict[str, Path], device: str, out: Path) -> dict:

@@ -565,6 +565,8 @@ class _FoldInputs:
     low_rank: frozenset[str] = frozenset()
     # one part of a fold split over workers (app.merging.parts): the tensors this part folds; None: all
     only: frozenset[str] | None = None
+    # tensors whose pass-1 update is computed at once (on the CPU, without a memory budget)
+    threads: int = 1
 
     def __post_init__(self) -> None:
         for step in self.postprocess:
@@ -653,40 +655,106 @@ def _one_pass(f: _FoldInputs) -> None:
 
 
 def _update_pass(f: _FoldInputs, scratch: Any) -> None:
-    """Pass 1 of a fold with a global step: each tensor's update from τ_t and Δ, kept in ``scratch``."""
-    totals = f.totals
-    for name in f.visit(f.floating):
-        if name in f.streamed:
-            _update_streamed(f, name, scratch)
-            continue
-        if name in f.low_rank:
-            _update_low_rank(f, name, scratch)
-            continue
-        b = f.load(f.base, name)
-        delta = f.load(f.previous, name).sub_(b)  # type: ignore[arg-type]
-        task = f.load(f.expert, name)
-        if f.check_expert:
-            check_finite_tensor(task, name, what="the expert's tensor")
-        task.sub_(b)
-        del b
-        if f.preprocess:
-            task = f.preprocessed(name, task)
-        if f.postprocess:
-            delta = f.raw_previous(name, delta)
-        task_sq, delta_sq, cross = task_vector_sums(task, delta)
+    """Pass 1 of a fold with a global step: each tensor's update from τ_t and Δ, kept in ``scratch``.
+
+    Tensors are read in order here; whole ones are computed by :class:`_Computations` (on several
+    threads where the fold has them) and committed in order, so the sums and the scratch are
+    what one thread would make. A streamed or factored tensor waits for those before it.
+    """
+    with _Computations(f, scratch) as computations:
+        for name in f.visit(f.floating):
+            if name in f.streamed or name in f.low_rank:
+                computations.drain()
+                (_update_streamed if name in f.streamed else _update_low_rank)(f, name, scratch)
+                continue
+            computations.submit(name, *_task_and_delta(f, name))
+
+
+def _task_and_delta(f: _FoldInputs, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """τ_t and Δ of one whole tensor, read (in pass order) and checked; params.pre/postprocess applied."""
+    b = f.load(f.base, name)
+    delta = f.load(f.previous, name).sub_(b)  # type: ignore[arg-type]
+    task = f.load(f.expert, name)
+    if f.check_expert:
+        check_finite_tensor(task, name, what="the expert's tensor")
+    task.sub_(b)
+    del b
+    if f.preprocess:
+        task = f.preprocessed(name, task)
+    if f.postprocess:
+        delta = f.raw_previous(name, delta)
+    return task, delta
+
+
+def _compute_update(f: _FoldInputs, name: str, task: torch.Tensor, delta: torch.Tensor):  # noqa: ANN202
+    """One tensor's update and its float64 sums; touches no shared state but the method's own (thread-safe) records."""
+    sums = task_vector_sums(task, delta)
+    # a float64 sum of squares of float32/16 values is 0 only when every value is (no underflow)
+    nonzero = sums[1] > 0 if delta.dtype != torch.float64 else None
+    x = TensorUpdate(name, f.seed(name), f.is_linear(name), f.version, task, delta, sums[0], f.svd_method,
+                     delta_nonzero=nonzero)
+    update = f.method.update_tensor(x)
+    return sums, update, squared_norm(update)
+
+
+class _Computations:
+    """Pass 1's whole-tensor updates, computed ``f.threads`` at a time and committed in tensor order.
+
+    On the CPU every tensor's math runs on one intra-op thread, whatever the fold's thread count:
+    LAPACK's n×n eigendecompositions are fastest so (see ``opcm._one_lapack_thread``), the
+    fold's cores go to several tensors at once instead, and a tensor's bytes do not depend on
+    how many cores the machine has, how many tensors ran beside it, or a memory budget. Under a
+    budget (or on a GPU) one tensor is in flight at a time: the budget is sized for one.
+    """
+
+    def __init__(self, f: _FoldInputs, scratch: Any) -> None:
+        self.f, self.scratch = f, scratch
+        cpu = f.device.type == "cpu"
+        self.width = f.threads if cpu and f.ahead_limit is None else 1
+        self.saved_threads = torch.get_num_threads() if cpu else None
+        self.pool = ThreadPoolExecutor(max_workers=self.width, thread_name_prefix="fold-compute") if self.width > 1 else None
+        self.pending: list[tuple[str, Future[Any]]] = []
+
+    def __enter__(self) -> _Computations:
+        if self.saved_threads is not None and self.saved_threads != 1:
+            torch.set_num_threads(1)
+        return self
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        try:
+            if kind is None:
+                self.drain()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True, cancel_futures=True)
+            if self.saved_threads is not None and self.saved_threads != 1:
+                torch.set_num_threads(self.saved_threads)
+
+    def submit(self, name: str, task: torch.Tensor, delta: torch.Tensor) -> None:
+        if self.pool is None:
+            self._commit(name, _compute_update(self.f, name, task, delta))
+            return
+        if len(self.pending) >= self.width:  # bounded: at most `width` tensors computed while one is read
+            self._commit_oldest()
+        self.pending.append((name, self.pool.submit(_compute_update, self.f, name, task, delta)))
+
+    def drain(self) -> None:
+        while self.pending:
+            self._commit_oldest()
+
+    def _commit_oldest(self) -> None:
+        name, future = self.pending.pop(0)
+        self._commit(name, future.result())
+
+    def _commit(self, name: str, result: Any) -> None:
+        (task_sq, delta_sq, cross), update, update_sq = result
+        totals = self.f.totals
         totals.expert_sq += task_sq
         totals.previous_sq += delta_sq
         totals.cross += cross
-        # a float64 sum of squares of float32/16 values is 0 only when every value is (no underflow)
-        nonzero = delta_sq > 0 if delta.dtype != torch.float64 else None
-        x = TensorUpdate(name, f.seed(name), f.is_linear(name), f.version, task, delta, task_sq, f.svd_method,
-                         delta_nonzero=nonzero)
-        update = f.method.update_tensor(x)
-        del x, delta, task
-        totals.update_sq += squared_norm(update)
-        scratch.put(name, update)
-        del update
-        f.progress.advance("pass1", f.base.tensors[name].numel)
+        totals.update_sq += update_sq
+        self.scratch.put(name, update)
+        self.f.progress.advance("pass1", self.f.base.tensors[name].numel)
 
 
 def _update_low_rank(f: _FoldInputs, name: str, scratch: Any) -> None:
@@ -1309,6 +1377,7 @@ def fold_checkpoint(
                 overlap=True,
                 ahead_limit=budget // 8 if budget is not None else None,
                 factored=low_rank,
+                threads=torch.get_num_threads() if budget is None else 1,
             )
             room = scratch_room(base_ck, inputs.is_linear, streamed, budget)
             scratches: list[Any] = []

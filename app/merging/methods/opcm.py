@@ -323,8 +323,10 @@ class OPCM(MergeMethod):
         super().__init__(params, state, t)
         self.lambda_prev = state.lambda_ if state is not None else 1.0
         self.lam = 1.0
-        self.linear_expert_sq = 0.0
-        self.removed_sq = 0.0
+        # one term per tensor, summed exactly (math.fsum) when read: update_tensor runs on several
+        # threads at once (list.append is atomic) and in parts, and the order of terms is then free
+        self.linear_expert_sq: list[float] = []
+        self.removed_sq: list[float] = []
         self.split_ranks: list[float] = []
 
     @classmethod
@@ -343,13 +345,13 @@ class OPCM(MergeMethod):
 
     def update_tensor(self, x: TensorUpdate, factors: tuple[Tensor, Tensor] | None = None) -> Tensor:
         if x.linear:
-            self.linear_expert_sq += x.task_sq
+            self.linear_expert_sq.append(x.task_sq)
         update, r, removed_sq = opcm_update(
             x.delta, x.task, alpha=self.params.alpha, lambda_prev=self.lambda_prev, linear=x.linear,
             svd_method=x.svd_method, inplace=True, factors=factors, delta_nonzero=x.delta_nonzero,
         )
         if r is not None:
-            self.removed_sq += removed_sq
+            self.removed_sq.append(removed_sq)
             self.split_ranks.append(r / min(x.task.shape))
         return update
 
@@ -370,7 +372,7 @@ class OPCM(MergeMethod):
     def update_tensor_blocked(self, x: BlockedTensorUpdate) -> None:
         """:meth:`update_tensor` for a tensor streamed in blocks: Gram and Δᵀτ accumulate block by block."""
         if x.linear:
-            self.linear_expert_sq += x.task_sq
+            self.linear_expert_sq.append(x.task_sq)
         if not (x.linear and len(x.shape) == 2 and x.delta_nonzero):
             for start, delta, task in x.chunks():
                 x.put_chunk(start, task.add_(delta, alpha=self.lambda_prev))
@@ -389,7 +391,7 @@ class OPCM(MergeMethod):
         for start, delta, task in x.tall_blocks():
             task -= delta @ kernel
             x.put_rows(start, task.add_(delta, alpha=self.lambda_prev))
-        self.removed_sq += removed_sq
+        self.removed_sq.append(removed_sq)
         self.split_ranks.append(r / min(x.shape))
 
     def global_step(self, totals: FoldTotals) -> None:
@@ -404,9 +406,9 @@ class OPCM(MergeMethod):
 
     def absorb(self, partials: Sequence[Mapping[str, Any]]) -> None:
         for part in partials:
-            self.linear_expert_sq += float(part["linear_expert_sq"])
-            self.removed_sq += float(part["removed_sq"])
-            self.split_ranks.extend(float(r) for r in part["split_ranks"])
+            for key in ("linear_expert_sq", "removed_sq", "split_ranks"):
+                terms = part[key]  # a part of an earlier release sent its sums as one float
+                getattr(self, key).extend(float(v) for v in (terms if isinstance(terms, list) else [terms]))
 
     def global_outcome(self) -> dict[str, Any]:
         return {"lambda": self.lam}
@@ -421,9 +423,10 @@ class OPCM(MergeMethod):
         return {**common, "lambda": self.lam}
 
     def metrics(self) -> dict[str, float]:
+        linear_sq = math.fsum(self.linear_expert_sq)
         return {
             "lambda": self.lam,
-            "removed_fraction": self.removed_sq / self.linear_expert_sq if self.linear_expert_sq > 0 else 0.0,
+            "removed_fraction": math.fsum(self.removed_sq) / linear_sq if linear_sq > 0 else 0.0,
             "projected_tensors": float(len(self.split_ranks)),
-            "mean_split_rank_fraction": sum(self.split_ranks) / len(self.split_ranks) if self.split_ranks else 0.0,
+            "mean_split_rank_fraction": math.fsum(self.split_ranks) / len(self.split_ranks) if self.split_ranks else 0.0,
         }

@@ -1,0 +1,91 @@
+"""Pass 1 on several threads (one tensor each, committed in order) writes what one thread writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from app.merging import engine
+from app.merging.engine import fold_checkpoint
+from tests.checkpoints import save
+
+
+def _checkpoints(tmp_path: Path) -> dict[str, Path]:
+    g = torch.Generator().manual_seed(11)
+    shapes = {"embed_tokens.weight": (96, 24), "l0.q.weight": (48, 48), "l0.up.weight": (160, 48),
+              "l0.down.weight": (48, 160), "l0.norm.weight": (48,), "l1.q.weight": (48, 48), "l1.kv.weight": (16, 48),
+              "l1.up.weight": (160, 48), "l1.down.weight": (48, 160), "l1.bias": (160,), "head.weight": (64, 48)}
+    base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    paths = {"base": save(base, tmp_path / "base.safetensors")}
+    for i in (1, 2, 3):
+        # low-rank task vectors, as fine-tuning makes: the projection has directions to remove
+        expert = {n: t + (0.05 * torch.randn(t.shape[0], 4, generator=g) @ torch.randn(4, t.shape[1], generator=g)
+                          if t.ndim == 2 else 0.05 * torch.randn(t.shape, generator=g)) for n, t in base.items()}
+        paths[f"e{i}"] = save(expert, tmp_path / f"e{i}.safetensors")
+    return paths
+
+
+def _chain(paths: dict[str, Path], out: Path, threads: int) -> list[engine.FoldResult]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out.mkdir()
+        results, previous, state = [], None, None
+        for t in (1, 2, 3):
+            result = fold_checkpoint("opcm", {"alpha": 0.5}, paths["base"], previous, paths[f"e{t}"], state,
+                                     out / f"v{t}.safetensors", t, device="cpu", seed_context="threads")
+            results.append(result)
+            previous, state = result.out, result.state
+        assert torch.get_num_threads() == threads  # the pass gives the thread count back
+        return results
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_several_threads_write_the_bytes_and_state_of_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = _checkpoints(tmp_path)
+    widths: list[int] = []
+    original = engine._Computations.__init__
+
+    def recording(self, f, scratch):  # noqa: ANN001, ANN202
+        original(self, f, scratch)
+        widths.append(self.width)
+
+    monkeypatch.setattr(engine._Computations, "__init__", recording)
+    one = _chain(paths, tmp_path / "one", 1)
+    four = _chain(paths, tmp_path / "four", 4)
+    assert widths == [1, 1, 4, 4]  # versions 2 and 3 have a pass 1; four threads ran four tensors at once
+    for a, b in zip(one, four, strict=True):
+        assert a.sha256 == b.sha256 and a.out.read_bytes() == b.out.read_bytes()
+        assert a.state == b.state
+        assert a.metrics["projected_tensors"] == b.metrics.get("projected_tensors")
+        for key in ("lambda", "removed_fraction", "mean_split_rank_fraction"):
+            assert a.metrics.get(key) == b.metrics.get(key), key
+    assert one[2].metrics["projected_tensors"] == 8.0 and 0 < one[2].metrics["removed_fraction"] < 1
+
+
+def test_a_failing_tensor_fails_the_fold_and_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error on a compute thread reaches the fold: nothing is written, and the thread count is restored."""
+    paths = _checkpoints(tmp_path)
+    v1 = fold_checkpoint("opcm", {}, paths["base"], None, paths["e1"], None, tmp_path / "v1.safetensors", 1,
+                         device="cpu")
+    real = engine._compute_update
+
+    def failing(f, name, task, delta):  # noqa: ANN001, ANN202
+        if name == "l1.up.weight":
+            raise RuntimeError("LAPACK ran out of memory")
+        return real(f, name, task, delta)
+
+    monkeypatch.setattr(engine, "_compute_update", failing)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with pytest.raises(RuntimeError, match="LAPACK ran out of memory"):
+            fold_checkpoint("opcm", {}, paths["base"], v1.out, paths["e2"], v1.state, tmp_path / "v2.safetensors", 2,
+                            device="cpu")
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(saved)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("v2")) == []

@@ -713,7 +713,7 @@ class _Computations:
         self.width = f.threads if cpu and f.ahead_limit is None else 1
         self.saved_threads = torch.get_num_threads() if cpu else None
         self.pool = ThreadPoolExecutor(max_workers=self.width, thread_name_prefix="fold-compute") if self.width > 1 else None
-        self.pending: list[tuple[str, Future[Any]]] = []
+        self.pending: list[tuple[str, bool, Future[Any]]] = []
 
     def __enter__(self) -> _Computations:
         if self.saved_threads is not None and self.saved_threads != 1:
@@ -734,16 +734,20 @@ class _Computations:
         if self.pool is None:
             self._commit(name, _compute_update(self.f, name, task, delta))
             return
-        if len(self.pending) >= self.width:  # bounded: at most `width` tensors computed while one is read
+        # bounded: at most `width` projected (2-D, linear) tensors in flight while the next is read, and a
+        # few small ones (biases, norms) beside them, which must not take a projected tensor's place
+        heavy = task.ndim == 2 and self.f.is_linear(name)
+        while self.pending and (len(self.pending) >= 4 * self.width
+                                or heavy and sum(h for _, h, _ in self.pending) >= self.width):
             self._commit_oldest()
-        self.pending.append((name, self.pool.submit(_compute_update, self.f, name, task, delta)))
+        self.pending.append((name, heavy, self.pool.submit(_compute_update, self.f, name, task, delta)))
 
     def drain(self) -> None:
         while self.pending:
             self._commit_oldest()
 
     def _commit_oldest(self) -> None:
-        name, future = self.pending.pop(0)
+        name, _, future = self.pending.pop(0)
         self._commit(name, future.result())
 
     def _commit(self, name: str, result: Any) -> None:

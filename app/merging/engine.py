@@ -704,13 +704,13 @@ class _Computations:
     LAPACK's n×n eigendecompositions are fastest so (see ``opcm._one_lapack_thread``), the
     fold's cores go to several tensors at once instead, and a tensor's bytes do not depend on
     how many cores the machine has, how many tensors ran beside it, or a memory budget. Under a
-    budget (or on a GPU) one tensor is in flight at a time: the budget is sized for one.
+    budget, as many as it holds working sets (:func:`compute_width`); on a GPU, one.
     """
 
     def __init__(self, f: _FoldInputs, scratch: Any) -> None:
         self.f, self.scratch = f, scratch
         cpu = f.device.type == "cpu"
-        self.width = f.threads if cpu and f.ahead_limit is None else 1
+        self.width = f.threads if cpu else 1
         self.saved_threads = torch.get_num_threads() if cpu else None
         self.pool = ThreadPoolExecutor(max_workers=self.width, thread_name_prefix="fold-compute") if self.width > 1 else None
         self.pending: list[tuple[str, bool, Future[Any]]] = []
@@ -1018,24 +1018,43 @@ def plan_memory(
     return frozenset(streamed)
 
 
-def scratch_room(
-    base: TensorSource, is_linear: Callable[[str], bool], streamed: frozenset[str], budget: int | None
-) -> int:
-    """Bytes of pass-1 updates a fold may keep in memory: what ``budget`` leaves beside its working set.
-
-    The working set is the largest tensor's fold (:func:`_fold_bytes`, whole or streamed) plus
-    what the read-ahead and the write-behind hold (one tensor each of three inputs and the
-    output, each at most budget / 8). Without a budget, nothing: the updates go to the scratch
-    file and the fold holds a few tensors whatever the model's size.
-    """
-    if budget is None:
-        return 0
+def _working_set(
+    base: TensorSource, is_linear: Callable[[str], bool], streamed: frozenset[str], budget: int
+) -> tuple[int, int]:
+    """The largest tensor's fold (:func:`_fold_bytes`, whole or streamed), and what the read-ahead and the
+    write-behind hold beside it (one tensor each of three inputs and the output, each at most budget / 8)."""
     working = largest = 0
     for name, spec in base.tensors.items():
         working = max(working, _fold_bytes(spec, spec.is_floating and is_linear(name), streamed=name in streamed))
         if name not in streamed:
             largest = max(largest, spec.nbytes)
-    return max(0, budget - working - 4 * min(largest, budget // 8))
+    return working, 4 * min(largest, budget // 8)
+
+
+def compute_width(
+    base: TensorSource, is_linear: Callable[[str], bool], streamed: frozenset[str], budget: int | None, threads: int
+) -> int:
+    """How many tensors pass 1 computes at once: ``threads``, or as many working sets as ``budget`` holds."""
+    if budget is None or threads <= 1:
+        return max(1, threads)
+    working, beside = _working_set(base, is_linear, streamed, budget)
+    return max(1, min(threads, (budget - beside) // max(1, working)))
+
+
+def scratch_room(
+    base: TensorSource, is_linear: Callable[[str], bool], streamed: frozenset[str], budget: int | None,
+    width: int = 1,
+) -> int:
+    """Bytes of pass-1 updates a fold may keep in memory: what ``budget`` leaves beside its working sets.
+
+    ``width`` working sets (tensors computed at once, :func:`compute_width`) and what the read-ahead
+    and write-behind hold. Without a budget, nothing: the updates go to the scratch file and the
+    fold holds a few tensors whatever the model's size.
+    """
+    if budget is None:
+        return 0
+    working, beside = _working_set(base, is_linear, streamed, budget)
+    return max(0, budget - width * working - beside)
 
 
 def resolve_memory_budget(value: int | None) -> int | None:
@@ -1381,9 +1400,10 @@ def fold_checkpoint(
                 overlap=True,
                 ahead_limit=budget // 8 if budget is not None else None,
                 factored=low_rank,
-                threads=torch.get_num_threads() if budget is None else 1,
+                threads=compute_width(base_ck, lambda n: len(base_ck.tensors[n].shape) == 2
+                                      and not prepared.pattern.search(n), streamed, budget, torch.get_num_threads()),
             )
-            room = scratch_room(base_ck, inputs.is_linear, streamed, budget)
+            room = scratch_room(base_ck, inputs.is_linear, streamed, budget, inputs.threads)
             scratches: list[Any] = []
             make_scratch = _scratch_for(torch_device, base_ck, scratch_root, room)
             new_state, metrics = _fold(inputs, lambda: scratches.append(make_scratch()) or scratches[-1])

@@ -4,8 +4,8 @@ For one seed and each task order: a stream is created with the ``text-classifica
 (on the validation bundle) and a champion policy whose candidates are the method settings under
 comparison; the base and then the experts are uploaded one at a time, and after each expert the
 benchmark waits for the policy to move ``@champion`` for that round, downloads
-``versions/@champion/download`` and measures it on the same test examples as the offline
-curves. The shortfall is the best candidate's offline test accuracy at that fold (hindsight)
+``versions/@champion/download`` and measures it on every test example of the tasks merged so
+far, as the offline candidate streams are measured after every fold. The shortfall is the best candidate's offline test accuracy at that fold (hindsight)
 minus the champion's.
 
 :class:`Measurement` runs all of that in a forked process of its own, so that the service works
@@ -151,9 +151,9 @@ def measure(*, config: Any, seed: int, orders: list[list[str]], prepared: Any, w
                 if response.status_code != 200:
                     raise RuntimeError(f"download of @champion: {response.status_code} {response.text[:200]}")
                 top = load(response.content)
+                # every test example of the tasks merged so far (the offline candidates' "test_full" at this fold)
                 accuracy = statistics.fmean(
-                    M.accuracy(top, prepared.heads[n], prepared.splits[n]["test"].subset(config.curve_test), prepared.dtype)
-                    for n in order[:t])
+                    M.accuracy(top, prepared.heads[n], prepared.splits[n]["test"], prepared.dtype) for n in order[:t])
                 rounds.append({"order": order_index, "fold": t, "champion": labels[version["stream_id"]],
                                "champion_test": accuracy, "seconds": time.perf_counter() - round_started,
                                "champion_val": next((e["metrics"]["mean"] for e in version.get("evaluations", [])
@@ -165,9 +165,9 @@ def measure(*, config: Any, seed: int, orders: list[list[str]], prepared: Any, w
 
 
 def compare(record: dict[str, Any], offline: dict[tuple[str, int], list[dict[str, Any]]]) -> dict[str, Any]:
-    """Each round's best candidate in hindsight (offline test accuracy at that fold) and the champion's shortfall."""
+    """Each round's best candidate in hindsight (offline whole-test accuracy at that fold) and the champion's shortfall."""
     for r in record["rounds"]:
-        hindsight = {c: offline[(c, r["order"])][r["fold"] - 1]["average"]["test"] for c in record["candidates"]}
+        hindsight = {c: offline[(c, r["order"])][r["fold"] - 1]["average"]["test_full"] for c in record["candidates"]}
         best = max(hindsight, key=hindsight.__getitem__)
         r.update(best=best, best_test=hindsight[best], shortfall=hindsight[best] - r["champion_test"])
     record["shortfalls"] = [r["shortfall"] for r in record["rounds"]]

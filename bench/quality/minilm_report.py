@@ -313,8 +313,8 @@ def champion_lines(results: dict[str, Any]) -> list[str]:
         (f"For every seed and order, `mergeline serve` on the embedded defaults (SQLite, local folder, embedded worker) folded "
          f"the same experts under each candidate ({', '.join(candidates)}), ran the "
          f"`{results['champion'][0]['evaluator']}` evaluator plugin on validation after each fold and moved `@champion`; "
-         f"the benchmark downloaded `versions/@champion/download` after every fold and measured it on the curves' test "
-         f"examples. Against the best candidate in hindsight (on those test examples): worst shortfall "
+         f"the benchmark downloaded `versions/@champion/download` after every fold and measured it on every test "
+         f"example of the tasks merged so far. Against the best candidate in hindsight (on the same examples): worst shortfall "
          f"**{100 * worst:.2f}** points, mean **{100 * mean:.2f}** points over {len(shortfalls)} folds (target ≤ 0.5). "
          f"It ran beside the offline streams, {seconds / 60:.1f} min of the run's wall time in all."),
         "",

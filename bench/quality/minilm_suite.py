@@ -279,9 +279,10 @@ def per_layer_norms(base: Path, experts: Mapping[str, Path]) -> dict[str, dict[s
 
 
 def evaluate_top(top: Mapping[str, torch.Tensor], prepared: Prepared, names: Sequence[str], curve_test: int,
-                 final: bool, val: bool = True) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
-    """Curve-test (and, with ``val``, validation) accuracy of a merged top on each named task; at the final fold
-    validation and the whole test split too."""
+                 final: bool, val: bool = True, full_test: bool = False,
+                 ) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
+    """Curve-test (and, with ``val``, validation; with ``full_test``, whole-test) accuracy of a merged top on each
+    named task; at the final fold validation and the whole test split too."""
     accuracy: dict[str, dict[str, float]] = {}
     correct: dict[str, torch.Tensor] = {}
     dtype = prepared.dtype
@@ -294,13 +295,16 @@ def evaluate_top(top: Mapping[str, torch.Tensor], prepared: Prepared, names: Seq
         if final:
             correct[name] = M.correct(top, head, split["test"], dtype)
             entry["test_full"] = float(correct[name].float().mean())
+        elif full_test:
+            entry["test_full"] = M.accuracy(top, head, split["test"], dtype)
         accuracy[name] = entry
     return accuracy, correct
 
 
 def run_stream(config: MethodConfig, order: Sequence[str], prepared: Prepared, workdir: Path, curve_test: int,
                on_fold: Callable[[int, Path], None] | None = None,
-               val_every_fold: bool = True) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+               val_every_fold: bool = True, full_test_every_fold: bool = False,
+               ) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """Fold the experts in ``order`` through the real engine; evaluate every task seen so far after every fold
     (validation after every fold only with ``val_every_fold``; always after the last)."""
     params = validate_params(config.method, config.params)
@@ -319,14 +323,14 @@ def run_stream(config: MethodConfig, order: Sequence[str], prepared: Prepared, w
             on_fold(t, result.out)
         started = time.perf_counter()
         accuracy, correct = evaluate_top(load_file(str(result.out)), prepared, order[:t], curve_test, t == len(order),
-                                         val=val_every_fold)
+                                         val=val_every_fold, full_test=full_test_every_fold)
         folds.append({
             "version": t,
             "expert": name,
             "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, int | float)},
             "accuracy": accuracy,
             "average": {part: statistics.fmean(a[part] for a in accuracy.values())
-                        for part in ("val", "test") if all(part in a for a in accuracy.values())},
+                        for part in ("val", "test", "test_full") if all(part in a for a in accuracy.values())},
             "evaluate_seconds": time.perf_counter() - started,
         })
         if previous is not None:
@@ -347,10 +351,12 @@ def _stream_job(order_index: int, method_index: int) -> dict[str, Any]:
     config, prepared, orders, seed_dir = _SHARED["config"], _SHARED["prepared"], _SHARED["orders"], _SHARED["seed_dir"]
     method = config.methods[method_index]
     started = time.perf_counter()
-    # validation after every fold only where the @champion policy compares it (the others choose on the last fold's)
+    # validation after every fold only where the @champion policy compares it (the others choose on the last fold's),
+    # and the whole test split after every fold there too: @champion's shortfall is measured on every test example
+    candidate = config.champion and method.label in config.champion_candidates
     folds, correct = run_stream(method, orders[order_index], prepared,
                                 seed_dir / "streams" / f"o{order_index}-m{method_index}", config.curve_test,
-                                val_every_fold=not config.champion or method.label in config.champion_candidates)
+                                val_every_fold=not config.champion or candidate, full_test_every_fold=candidate)
     return {"order": order_index, "label": method.label, "method": method.method, "params": dict(method.params),
             "folds": folds, "seconds": time.perf_counter() - started, "correct": correct}
 

@@ -89,3 +89,31 @@ def test_a_failing_tensor_fails_the_fold_and_leaves_no_output(tmp_path: Path, mo
     finally:
         torch.set_num_threads(saved)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("v2")) == []
+
+
+def test_a_memory_budget_computes_as_many_tensors_at_once_as_it_holds(tmp_path: Path) -> None:
+    from app.merging import folders, safetensors_io as stio  # noqa: F401
+
+    paths = _checkpoints(tmp_path)
+    with folders.open_source(paths["base"]) as base:
+        linear = lambda n: len(base.tensors[n].shape) == 2 and "embed" not in n  # noqa: E731
+        working, beside = engine._working_set(base, linear, frozenset(), 10**9)
+        assert engine.compute_width(base, linear, frozenset(), None, 4) == 4
+        assert engine.compute_width(base, linear, frozenset(), 10**9, 4) == 4
+        tight = beside + 2 * working + working // 2  # two working sets and a half: two at once
+        assert engine.compute_width(base, linear, frozenset(), tight + 40_000, 4) in (2, 3)
+        assert engine.compute_width(base, linear, frozenset(), beside + working, 4) == 1
+        assert engine.scratch_room(base, linear, frozenset(), 10**9, 3) == 10**9 - 3 * working - beside
+    # and the bytes do not change with the budget's width
+    saved = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        v1 = fold_checkpoint("opcm", {}, paths["base"], None, paths["e1"], None, tmp_path / "v1.safetensors", 1,
+                             device="cpu", seed_context="threads")
+        wide = fold_checkpoint("opcm", {}, paths["base"], v1.out, paths["e2"], v1.state, tmp_path / "a.safetensors", 2,
+                               device="cpu", seed_context="threads", memory_budget=10**9)
+        narrow = fold_checkpoint("opcm", {}, paths["base"], v1.out, paths["e2"], v1.state, tmp_path / "b.safetensors",
+                                 2, device="cpu", seed_context="threads", memory_budget=beside + working + 1)
+    finally:
+        torch.set_num_threads(saved)
+    assert wide.sha256 == narrow.sha256 and wide.state == narrow.state

@@ -563,6 +563,21 @@ def _ratios(entry: dict, baseline_rss: float | None) -> None:
         entry["lambda_rel_diff"] = abs(entry["naive"]["lambda"] - entry["engine"]["lambda"]) / entry["naive"]["lambda"]
 
 
+def _why_not_whole(model: str, impl: str, args: argparse.Namespace) -> str:
+    """Why a whole-model implementation was not run on ``model``, with the memory it would need."""
+    shapes, _ = MODELS[model][0](), MODELS[model][1]
+    params = _params(shapes)
+    largest_u = max(max(shape) ** 2 for _, shape in shapes if len(shape) == 2) * 4
+    need = 5 * 4 * params + largest_u  # base, previous, expert, tau, delta in float32, and the largest full U
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    what = {"naive": "the naive fold", "fusionbench": "FusionBench's OPCM"}[impl]
+    asked = "--no-naive" if impl == "naive" and args.no_naive else f"not in --{impl}-models"
+    return (f"{asked}; {what} holds whole float32 models (base, previous, expert, τ, Δ: {5 * 4 * params / 1e9:.1f} GB) "
+            f"and full-matrices SVDs (the largest U {largest_u / 1e9:.1f} GB): ~{need / 1e9:.1f} GB against this "
+            f"machine's {total / 1e9:.1f} GB" + (" (it does not fit)" if need > total else ""))
+
+
 def _params(shapes: list[tuple[str, tuple[int, ...]]]) -> int:
     return sum(math.prod(shape) for _, shape in shapes)
 
@@ -646,6 +661,9 @@ def main() -> None:
                 runs[impl].append(run_once(impl, model, args.device, args.seed, args.threads, cold))
         for impl, done in runs.items():
             entry[impl] = summarize(done)
+        for impl in ("naive", "fusionbench"):
+            if impl not in runs:
+                entry[impl] = {"not_run": _why_not_whole(model, impl, args)}
         _ratios(entry, report["baseline_rss_mb"])
         if model == "llama-8b-slice" and "seconds" in entry["engine"]:
             # per-layer work scales with the layer count; the vocabulary tensors are there once in both

@@ -565,7 +565,8 @@ class _FoldInputs:
     low_rank: frozenset[str] = frozenset()
     # one part of a fold split over workers (app.merging.parts): the tensors this part folds; None: all
     only: frozenset[str] | None = None
-    # tensors whose pass-1 update is computed at once (on the CPU, without a memory budget)
+    # tensors whose pass-1 update is computed at once on the CPU (compute_width: the thread count,
+    # or as many as a memory budget holds)
     threads: int = 1
 
     def __post_init__(self) -> None:
@@ -1400,9 +1401,8 @@ def fold_checkpoint(
                 overlap=True,
                 ahead_limit=budget // 8 if budget is not None else None,
                 factored=low_rank,
-                threads=compute_width(base_ck, lambda n: len(base_ck.tensors[n].shape) == 2
-                                      and not prepared.pattern.search(n), streamed, budget, torch.get_num_threads()),
             )
+            inputs.threads = compute_width(base_ck, inputs.is_linear, streamed, budget, torch.get_num_threads())
             room = scratch_room(base_ck, inputs.is_linear, streamed, budget, inputs.threads)
             scratches: list[Any] = []
             make_scratch = _scratch_for(torch_device, base_ck, scratch_root, room)

@@ -428,10 +428,10 @@ def run_part(
         svd_method=setup.svd_method, check_expert=phase == "update", seed_context=setup.seed_context,
         expert_sha256=setup.expert_sha256, preprocess=prepared.preprocess, postprocess=prepared.postprocess,
         totals=totals, streamed=setup.streamed & only, overlap=True, only=only,
-        # several tensors at once, as a whole fold, as many as this worker's memory budget holds
-        threads=engine.compute_width(base, lambda n: len(base.tensors[n].shape) == 2 and not prepared.pattern.search(n),
-                                     setup.streamed & only, engine.resolve_memory_budget(None), torch.get_num_threads()),
     )
+    # several tensors at once, as a whole fold does, as many as this worker's memory budget holds
+    f.threads = engine.compute_width(base, f.is_linear, f.streamed, engine.resolve_memory_budget(None),
+                                     torch.get_num_threads())
     names = f.visit([n for n in base.names() if n not in f.streamed])
     floating = f.visit([n for n in f.floating if n not in f.streamed])
     try:

@@ -293,7 +293,8 @@ def run_decompose(paths: dict[str, Path], device: str, out: Path) -> dict:
 
     dev = torch.device("cuda" if device == "cuda" else "cpu")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    width = torch.get_num_threads() if dev.type == "cpu" else 1
+    threads = torch.get_num_threads()
+    width = threads if dev.type == "cpu" else 1
     decompose = compute = 0.0
     count = 0
 
@@ -311,7 +312,6 @@ def run_decompose(paths: dict[str, Path], device: str, out: Path) -> dict:
         sync()
         return time.perf_counter() - t0
 
-    threads = torch.get_num_threads()
     if dev.type == "cpu":
         torch.set_num_threads(1)
     with stio.open_checkpoint(paths["base"]) as base, stio.open_checkpoint(paths["e1"]) as prev, \
@@ -565,7 +565,7 @@ def _ratios(entry: dict, baseline_rss: float | None) -> None:
 
 def _why_not_whole(model: str, impl: str, args: argparse.Namespace) -> str:
     """Why a whole-model implementation was not run on ``model``, with the memory it would need."""
-    shapes, _ = MODELS[model][0](), MODELS[model][1]
+    shapes = MODELS[model][0]()
     params = _params(shapes)
     largest_u = max(max(shape) ** 2 for _, shape in shapes if len(shape) == 2) * 4
     need = 5 * 4 * params + largest_u  # base, previous, expert, tau, delta in float32, and the largest full U

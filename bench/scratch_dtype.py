@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import fold as fold_bench  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-import fold as fold_bench  # noqa: E402
 from app.merging import engine, fold_checkpoint  # noqa: E402
 
 

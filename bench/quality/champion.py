@@ -5,8 +5,8 @@ For one seed and each task order: a stream is created with the ``text-classifica
 comparison; the base and then the experts are uploaded one at a time, and after each expert the
 benchmark waits for the policy to move ``@champion`` for that round, downloads
 ``versions/@champion/download`` and measures it on every test example of the tasks merged so
-far, as the offline candidate streams are measured after every fold. The shortfall is the best candidate's offline test accuracy at that fold (hindsight)
-minus the champion's.
+far, as the offline candidate streams are measured after every fold. The shortfall is the best
+candidate's offline accuracy on those examples at that fold (hindsight) minus the champion's.
 
 :class:`Measurement` runs all of that in a forked process of its own, so that the service works
 beside the benchmark's offline streams (the service's worker and plugin processes take the

@@ -158,7 +158,7 @@ def exact_expert(ckpts, adapter) -> dict:
     """An adapter's expert θ₀ + s·BA (and its modules_to_save) in float64, through the library's own reader."""
     from app.merging import safetensors_io as stio
     from app.merging.engine import _DictSource
-    from app.merging.lora import AdapterSource, plan_adapter, parse_config
+    from app.merging.lora import AdapterSource, parse_config, plan_adapter
 
     base = _DictSource({k: v.double() if v.is_floating_point() else v for k, v in ckpts.base_sd.items()})
     weights = stio.open_checkpoint(adapter / "adapter_model.safetensors")

@@ -92,7 +92,7 @@ def test_a_failing_tensor_fails_the_fold_and_leaves_no_output(tmp_path: Path, mo
 
 
 def test_a_memory_budget_computes_as_many_tensors_at_once_as_it_holds(tmp_path: Path) -> None:
-    from app.merging import folders, safetensors_io as stio  # noqa: F401
+    from app.merging import folders
 
     paths = _checkpoints(tmp_path)
     with folders.open_source(paths["base"]) as base:

@@ -46,4 +46,12 @@ class ChampionPolicy(BaseModel):
 
     metric: str = Field(min_length=1, max_length=100, pattern=METRIC_NAME_PATTERN)
     mode: Literal["max", "min"] = "max"
+    min_gain: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1e12,
+        allow_inf_nan=False,
+        description="hysteresis, in the metric's units: @champion stays with the candidate it holds unless another "
+        "candidate's version of the same expert beats that candidate's by more than this (0: always the best)",
+    )
     candidates: list[ChampionCandidate] = Field(min_length=1, max_length=MAX_CANDIDATES)

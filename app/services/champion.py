@@ -4,8 +4,11 @@ A stream's policy names candidates (each a replay that follows the stream) and a
 stream's evaluator. Once every candidate's version for one expert of the stream has been
 evaluated -- or has failed, which leaves that candidate out of the round -- ``@champion`` moves
 to the best candidate's version of that expert (``mode`` max or min; a tie goes to the earlier
-candidate). It never moves back to an older expert's round, so a download of ``@champion`` is
-always the best merge measured for the newest expert whose round is complete.
+candidate). With ``min_gain`` > 0 it stays with the candidate it holds (that candidate's version
+of the new expert) unless another beats it by more than ``min_gain``, so that a validation
+split's noise does not flip it between two close candidates. It never moves back to an older
+expert's round, so a download of ``@champion`` is the best merge measured (within ``min_gain``)
+for the newest expert whose round is complete.
 """
 
 from __future__ import annotations
@@ -71,27 +74,42 @@ def consider(session: Session, version: Version | None) -> bool:
         return False
     streams_repo.lock(session, source.id)  # one decision at a time per stream
     metric, mode, evaluator = source.champion["metric"], source.champion["mode"], source.evaluator["name"]
-    best: tuple[float, Version] | None = None
+    scored: list[tuple[float, Version]] = []
     for entry in source.champion["candidates"]:
         theirs = versions_repo.by_source_expert(session, entry["stream_id"], expert.source_expert_id)
         score = _score(session, theirs, evaluator, metric)
         if score is _PENDING:
             return False
-        if score is None:
-            continue
-        if best is None or (score > best[0] if mode == "max" else score < best[0]):
-            best = (score, theirs)
-    if best is None:
+        if score is not None:
+            scored.append((score, theirs))
+    if not scored:
         log.warning("champion round %d of stream %s: no candidate has metric %r", round_number, source.id, metric)
         return False
     current = aliases_repo.get(session, source.id, CHAMPION)
-    if current is not None:
-        if current.version_id == best[1].id:
-            return False
-        held = versions_repo.get(session, current.version_id)
-        if held is not None and (_round(session, held) or 0) > round_number:
-            return False  # a newer expert's round already decided
-    move(session, source, CHAMPION, best[1], who=POLICY)
+    held = versions_repo.get(session, current.version_id) if current is not None else None
+    if held is not None and (_round(session, held) or 0) > round_number:
+        return False  # a newer expert's round already decided
+    chosen = _choose(scored, mode, float(source.champion.get("min_gain") or 0.0), held.stream_id if held is not None else None)
+    if current is not None and current.version_id == chosen[1].id:
+        return False
+    move(session, source, CHAMPION, chosen[1], who=POLICY)
     log.info("champion of stream %s after version %d: %s v%d (%s=%g)", source.id, round_number,
-             best[1].stream_id, best[1].number, metric, best[0])  # fmt: skip
+             chosen[1].stream_id, chosen[1].number, metric, chosen[0])  # fmt: skip
     return True
+
+
+def _choose(scored: list[tuple[float, Version]], mode: str, min_gain: float, incumbent: str | None) -> tuple[float, Version]:
+    """The round's best (a tie goes to the earlier candidate), unless it beats the incumbent's by no more than ``min_gain``.
+
+    The incumbent is the candidate stream ``@champion`` holds; when it has no score this round
+    (its fold or evaluation failed) the best takes the alias outright.
+    """
+    sign = 1.0 if mode == "max" else -1.0
+    best = scored[0]
+    for entry in scored[1:]:
+        if sign * entry[0] > sign * best[0]:
+            best = entry
+    held = next((entry for entry in scored if entry[1].stream_id == incumbent), None)
+    if held is not None and sign * (best[0] - held[0]) <= min_gain:
+        return held
+    return best

@@ -151,7 +151,7 @@ def create_candidates(session: Session, source: Stream, policy: ChampionPolicy) 
         name = candidate.name or f"{source.name} / champion candidate {i + 1}: {candidate.method}"
         replay = _new_replay(session, source, name=name[:200], method=candidate.method, params=params, follows_source=True)
         candidates.append({"name": name[:200], "method": candidate.method, "params": params, "stream_id": replay.id})
-    source.champion = {"metric": policy.metric, "mode": policy.mode, "candidates": candidates}
+    source.champion = {"metric": policy.metric, "mode": policy.mode, "min_gain": policy.min_gain, "candidates": candidates}
     session.flush()
 
 

@@ -289,9 +289,14 @@ def check_takes(stream: Stream, role: str) -> None:
             code="replay",
         )
     if role == "base" and stream.base_sha256:
-        raise Conflict(f"stream {stream.id} already has a base (sha256 {stream.base_sha256}); create a new stream for another base")
+        raise Conflict(
+            f"stream {stream.id} already has a base (sha256 {stream.base_sha256}); create a new stream for another base"
+        )
     if role == "expert" and not stream.base_sha256:
-        raise Conflict(f"stream {stream.id} has no base yet: upload the base first (PUT /v1/streams/{stream.id}/base or an upload session)")
+        raise Conflict(
+            f"stream {stream.id} has no base yet: upload the base first "
+            f"(PUT /v1/streams/{stream.id}/base or an upload session)"
+        )
 
 
 def accept_base(session: Session, store: ObjectStore, stream: Stream, spooled: ReceivedCheckpoint) -> Version:

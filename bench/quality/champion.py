@@ -136,7 +136,7 @@ def measure(*, config: Any, seed: int, orders: list[list[str]], prepared: Any, w
                                                            "compute_dtype": config.compute_dtype,
                                                            # the tasks merged so far, as the hindsight test
                                                            "tasks": "experts"}},
-                "champion": {"metric": "mean", "mode": "max",
+                "champion": {"metric": "mean", "mode": "max", "min_gain": config.champion_min_gain,
                              "candidates": [{"method": c.method, "params": dict(c.params), "name": f"c{i}"}
                                             for i, c in enumerate(candidates)]},
             }))
@@ -160,7 +160,8 @@ def measure(*, config: Any, seed: int, orders: list[list[str]], prepared: Any, w
                                                      if e.get("status") == "succeeded"), None)})
     finally:
         service.close()
-    return {"seed": seed, "evaluator": evaluator, "candidates": [c.label for c in candidates], "rounds": rounds,
+    return {"seed": seed, "evaluator": evaluator, "candidates": [c.label for c in candidates],
+            "min_gain": config.champion_min_gain, "rounds": rounds,
             "seconds": time.perf_counter() - started}
 
 

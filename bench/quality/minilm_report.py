@@ -173,7 +173,29 @@ def champion_summary(results: dict[str, Any]) -> dict[str, Any] | None:
             "within_half_point": sum(1 for x in shortfalls if x <= 0.005), "chose_best": sum(1 for r in rounds if r["champion"] == r["best"]),
             "seconds": sum(record["seconds"] for record in results["champion"]),
             "candidates": results["champion"][0]["candidates"],
-            "picks": {c: sum(1 for r in rounds if r["champion"] == c) for c in results["champion"][0]["candidates"]}}
+            "picks": {c: sum(1 for r in rounds if r["champion"] == c) for c in results["champion"][0]["candidates"]},
+            "min_gain": results["champion"][0].get("min_gain", 0.0),
+            "without_min_gain": replayed_policy(results, 0.0)}
+
+
+def replayed_policy(results: dict[str, Any], min_gain: float) -> dict[str, float] | None:
+    """What the policy would have chosen with another ``min_gain``, replayed on the offline candidates' validation
+    curves (the plugin's own numbers: the miniature test checks they are equal) and scored on their whole-test ones."""
+    offline = {(r["seed"], r["order"], r["label"]): r["folds"] for r in results["runs"]}
+    shortfalls: list[float] = []
+    for record in results["champion"]:
+        candidates, held = record["candidates"], {}
+        for r in record["rounds"]:
+            folds = {c: offline.get((record["seed"], r["order"], c)) for c in candidates}
+            if any(f is None or "val" not in f[r["fold"] - 1]["average"] for f in folds.values()):
+                return None
+            val = {c: f[r["fold"] - 1]["average"]["val"] for c, f in folds.items()}
+            test = {c: f[r["fold"] - 1]["average"]["test_full"] for c, f in folds.items()}
+            best = max(candidates, key=val.__getitem__)
+            keep = r["order"] in held and val[best] - val[held[r["order"]]] <= min_gain
+            held[r["order"]] = held[r["order"]] if keep else best
+            shortfalls.append(max(test.values()) - test[held[r["order"]]])
+    return {"min_gain": min_gain, "worst": max(shortfalls), "mean": statistics.fmean(shortfalls)}
 
 
 def _ci(row: dict[str, Any]) -> str:
@@ -306,6 +328,7 @@ def champion_lines(results: dict[str, Any]) -> list[str]:
     worst = max(shortfalls) if shortfalls else float("nan")
     mean = statistics.fmean(shortfalls) if shortfalls else float("nan")
     candidates = results["champion"][0]["candidates"]
+    min_gain = results["champion"][0].get("min_gain", 0.0)
     seconds = sum(record["seconds"] for record in results["champion"])
     lines = [
         "## @champion through the service",
@@ -317,6 +340,12 @@ def champion_lines(results: dict[str, Any]) -> list[str]:
          f"example of the tasks merged so far. Against the best candidate in hindsight (on the same examples): worst shortfall "
          f"**{100 * worst:.2f}** points, mean **{100 * mean:.2f}** points over {len(shortfalls)} folds (target ≤ 0.5). "
          f"It ran beside the offline streams, {seconds / 60:.1f} min of the run's wall time in all."),
+        "",
+        (f"The policy's `min_gain` was {100 * min_gain:.2f} points: `@champion` kept the candidate it held unless another "
+         f"beat it on validation by more than that."
+         + (f" Replayed on the same run's validation curves with `min_gain` 0 (always the validation best), the worst "
+            f"shortfall would have been {100 * replay['worst']:.2f} points and the mean {100 * replay['mean']:.2f}."
+            if (replay := replayed_policy(results, 0.0)) is not None and min_gain > 0 else "")),
         "",
         "| seed | order | " + " | ".join(f"fold {t}" for t in range(1, len(results["config"]["tasks"]) + 1)) + " |",
         "| --- | --- | " + "--- | " * len(results["config"]["tasks"]),

@@ -117,6 +117,11 @@ class MiniLMConfig:
     # Measure @champion through `mergeline serve` (bench/quality/champion.py) for every seed and order.
     champion: bool = True
     champion_candidates: tuple[str, ...] = CHAMPION_CANDIDATES
+    # The policy's hysteresis (accuracy): @champion keeps the candidate it holds unless another beats it on
+    # validation by more than this. Set to the shortfall target (0.5 points): a smaller win is within the
+    # tolerance anyway, and 300 validation texts per task cannot resolve it (the seed-0/1 run of 2026-12-01
+    # switched on a +0.2-point validation win that was a -1.0-point test loss).
+    champion_min_gain: float = 0.005
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -130,7 +135,7 @@ def full_config() -> MiniLMConfig:
     # lr 3e-4 over 1e-4 on validation in the tuning runs (noun supersense 0.80 vs 0.72, movie 0.79 vs 0.79)
     # val 300 (from 150): @champion's first fold is decided on one task's validation split alone
     return MiniLMConfig(tasks=TASKS, train=2000, val=300, test=1000, curve_test=100, max_tokens=24,
-                        finetune_steps=200, finetune_lr=3e-4, batch=32, seeds=(0, 1), orders=3,
+                        finetune_steps=200, finetune_lr=3e-4, batch=32, seeds=(2, 3), orders=3,
                         methods=tuple(method_grid()))
 
 

@@ -124,3 +124,55 @@ def test_a_candidate_whose_evaluation_fails_is_left_out_of_the_round(lineage_api
     assert evaluations[0]["status"] == "failed"
     (champion,) = api.get(f"/v1/streams/{sid}/aliases").json()["aliases"]
     assert (champion["stream_id"], champion["version"]) == (task_arithmetic, 1)
+
+
+def _policy(scores: list[list[float]], min_gain: float) -> list[int]:
+    """The candidate held after each round (mode max): the best, unless it beats the held one by <= min_gain."""
+    held: list[int] = []
+    for round_scores in scores:
+        best = max(range(len(round_scores)), key=lambda i: (round_scores[i], -i))
+        if held and round_scores[best] - round_scores[held[-1]] <= min_gain:
+            held.append(held[-1])
+        else:
+            held.append(best)
+    return held
+
+
+@pytest.mark.parametrize("lineage_api", ["sqlite"], indirect=True)
+def test_min_gain_keeps_the_held_candidate_until_another_beats_it_by_more(lineage_api: LineageApi) -> None:
+    api = lineage_api
+    api.put_base(api.stream())
+    seeds = (1, 2, 3)
+    target = api.tmp / "target.safetensors"
+    target.write_bytes(api.expert(1).read_bytes())
+    scores = []  # neg_distance of each candidate after each expert, offline
+    for t in range(1, len(seeds) + 1):
+        row = []
+        for i, spec in enumerate(CANDIDATES):
+            work = api.tmp / f"offline-{i}-{t}"
+            work.mkdir()
+            merged = offline_merge(spec["method"], spec["params"], api.tmp / "base.safetensors",
+                                   [api.expert(s) for s in seeds[:t]], work)  # fmt: skip
+            row.append(-distance(merged, target))
+        scores.append(row)
+    always_best = _policy(scores, 0.0)
+    # The first round where the best candidate changes: a min_gain above that gap keeps the held one.
+    t_switch = next(t for t in range(1, len(seeds)) if always_best[t] != always_best[t - 1])
+    gap = scores[t_switch][always_best[t_switch]] - scores[t_switch][always_best[t_switch - 1]]
+    min_gain = 1.5 * gap
+    expected = _policy(scores, min_gain)
+    assert expected != always_best  # the setting changes the outcome in this run
+
+    sid = api.stream(
+        evaluator={"name": "tests.evaluators:neg_distance", "params": {"target": str(target)}},
+        champion={"metric": "neg_distance", "mode": "max", "min_gain": min_gain, "candidates": CANDIDATES},
+    )
+    stream = api.get(f"/v1/streams/{sid}").json()
+    assert stream["champion"]["min_gain"] == min_gain
+    candidates = [c["stream_id"] for c in stream["champion"]["candidates"]]
+    api.put_base(sid)
+    for t, seed in enumerate(seeds, start=1):
+        api.upload(sid, seed)
+        api.drain()
+        (champion,) = [a for a in api.get(f"/v1/streams/{sid}/aliases").json()["aliases"] if a["name"] == "champion"]
+        assert (champion["stream_id"], champion["version"]) == (candidates[expected[t - 1]], t), (t, scores)

@@ -137,6 +137,9 @@ def test_evaluators_are_checked_when_the_stream_is_created(lineage_api: LineageA
         {"metric": "accuracy", "mode": "best", "candidates": [{"method": "average"}]},
         {"metric": "a b", "candidates": [{"method": "average"}]},
         {"metric": "accuracy", "candidates": [{"method": "average"}] * 9},
+        {"metric": "accuracy", "min_gain": -0.01, "candidates": [{"method": "average"}]},
+        {"metric": "accuracy", "min_gain": "a lot", "candidates": [{"method": "average"}]},
+        {"metric": "accuracy", "min_gain": 1e300, "candidates": [{"method": "average"}]},
     ):
         r = api.client.post("/v1/streams", json={"name": "s", "evaluator": ev, "champion": bad}, headers=api.headers())
         assert r.status_code == 422, (bad, r.text)

@@ -284,7 +284,7 @@ def run_decompose(paths: dict[str, Path], device: str, out: Path) -> dict:
     """The decompositions alone (and the whole projection, compute only); reads are not timed.
 
     As the engine computes them: on the CPU, ``threads`` tensors at once on one intra-op thread
-    each (``engine._Computations``), so both use the same cores the same way. Tensors are read
+    each (``engine._InOrder``), so both use the same cores the same way. Tensors are read
     (untimed) in batches of at most 2 GB, and each batch's decompositions are timed as a whole.
     """
     from concurrent.futures import ThreadPoolExecutor

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import math
 import os
@@ -613,62 +614,104 @@ class _FoldInputs:
         return task
 
     def write(self, name: str, merged: torch.Tensor, b: torch.Tensor, phase: str) -> None:
+        self.commit_output(name, self.output(name, merged, b), phase)
+
+    def output(self, name: str, merged: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The tensor to write (params.postprocess applied, in the stored dtype) and ‖out − θ₀‖²; no shared state."""
         if self.postprocess:
             merged = b + self.postprocessed(name, merged - b)
         out = merged.to(dtype=stio.DTYPES[self.base.tensors[name].dtype][0])
-        self.totals.merged_sq += squared_distance(out, b)
+        return out, squared_distance(out, b)
+
+    def commit_output(self, name: str, output: tuple[torch.Tensor, float | None], phase: str) -> None:
+        """Write one tensor (in tensor order); a floating one's ‖out − θ₀‖² is added to the fold's sum."""
+        out, merged_sq = output
         self.sink.write(name, out)
-        self.progress.advance(phase, self.base.tensors[name].numel)
+        if merged_sq is not None:
+            self.totals.merged_sq += merged_sq
+            self.progress.advance(phase, self.base.tensors[name].numel)
 
 
 def _one_pass(f: _FoldInputs) -> None:
-    """Read each tensor of the base, the previous version and the expert; fold it; write it."""
-    totals = f.totals
-    for name in f.visit(f.base.names()):
-        if name in f.streamed:
-            _one_pass_streamed(f, name)
-            continue
-        stored = f.base.read(name)
-        if not f.base.tensors[name].is_floating:
-            f.sink.write(name, stored)
-            continue
-        b = stored.to(device=f.device, dtype=_compute_dtype(f.base.tensors[name]))
-        del stored
-        e = f.load(f.expert, name)
-        p = f.load(f.previous, name) if f.previous is not None else None
-        if f.preprocess:
-            e = b + f.preprocessed(name, e - b)
-        if f.postprocess and p is not None:
-            p = b + f.raw_previous(name, p - b)
-        totals.expert_sq += squared_distance(e, b)
-        if p is not None:
-            totals.previous_sq += squared_distance(p, b)
-            totals.cross += inner(e - b, p - b)
-        aux = f.aux_in.read(name).to(f.device) if f.aux_in is not None else None
-        x = TensorFold(name, f.seed(name), f.is_linear(name), f.version, b, p, e, f.svd_method, aux)
-        merged = f.method.fold_tensor(x)
-        if f.aux_sink is not None:
-            if x.aux_out is None:
-                raise RuntimeError(f"{f.method.name} keeps an auxiliary checkpoint but gave none for {name!r}")
-            f.aux_sink.write(name, x.aux_out.to(dtype=stio.DTYPES[_aux_dtype(f.base.tensors[name])][0]))
-        del x, e, p, aux
-        f.write(name, merged, b, "fold")
+    """Read each tensor of the base, the previous version and the expert; fold it; write it.
+
+    Reads and writes stay in tensor order here; the folds run on :class:`_InOrder`'s threads
+    (several tensors at once where the fold has them), so the bytes and the sums are one thread's.
+    """
+    with _InOrder(f, functools.partial(_commit_fold, f)) as folds:
+        for name in f.visit(f.base.names()):
+            if name in f.streamed:
+                folds.drain()
+                _one_pass_streamed(f, name)
+                continue
+            stored = f.base.read(name)
+            if not f.base.tensors[name].is_floating:
+                folds.submit(name, False, _stored_fold, stored)
+                continue
+            e = f.load(f.expert, name)
+            p = f.load(f.previous, name) if f.previous is not None else None
+            aux = f.aux_in.read(name) if f.aux_in is not None else None
+            folds.submit(name, _projected(f, name), _fold_tensor, f, name, stored, e, p, aux)
+            del stored, e, p, aux
+
+
+def _stored_fold(stored: torch.Tensor) -> tuple[None, None, tuple[torch.Tensor, None]]:
+    return None, None, (stored, None)
+
+
+def _fold_tensor(f: _FoldInputs, name: str, stored: torch.Tensor, e: torch.Tensor, p: torch.Tensor | None,
+                 aux: torch.Tensor | None) -> tuple[tuple[float, float, float] | None, torch.Tensor | None, Any]:
+    """One floating tensor's fold: its float64 sums, the auxiliary tensor to keep, the output; no shared state."""
+    b = stored.to(device=f.device, dtype=_compute_dtype(f.base.tensors[name]))
+    del stored
+    if f.preprocess:
+        e = b + f.preprocessed(name, e - b)
+    if f.postprocess and p is not None:
+        p = b + f.raw_previous(name, p - b)
+    sums = (squared_distance(e, b), squared_distance(p, b), inner(e - b, p - b)) if p is not None else None
+    expert_sq = sums[0] if sums is not None else squared_distance(e, b)
+    x = TensorFold(name, f.seed(name), f.is_linear(name), f.version, b, p, e, f.svd_method,
+                   aux.to(f.device) if aux is not None else None)
+    merged = f.method.fold_tensor(x)
+    aux_out = None
+    if f.aux_sink is not None:
+        if x.aux_out is None:
+            raise RuntimeError(f"{f.method.name} keeps an auxiliary checkpoint but gave none for {name!r}")
+        aux_out = x.aux_out.to(dtype=stio.DTYPES[_aux_dtype(f.base.tensors[name])][0])
+    del x, e, p, aux
+    return sums or (expert_sq, None, None), aux_out, f.output(name, merged, b)
+
+
+def _commit_fold(f: _FoldInputs, name: str, result: Any) -> None:
+    """One-pass, in tensor order: the sums into the fold's, the auxiliary tensor and the output written."""
+    sums, aux_out, output = result
+    if sums is not None:
+        expert_sq, previous_sq, cross = sums
+        f.totals.expert_sq += expert_sq
+        if previous_sq is not None:
+            f.totals.previous_sq += previous_sq
+            f.totals.cross += cross
+    if aux_out is not None:
+        f.aux_sink.write(name, aux_out)
+    f.commit_output(name, output, "fold")
 
 
 def _update_pass(f: _FoldInputs, scratch: Any) -> None:
     """Pass 1 of a fold with a global step: each tensor's update from τ_t and Δ, kept in ``scratch``.
 
-    Tensors are read in order here; whole ones are computed by :class:`_Computations` (on several
+    Tensors are read in order here; whole ones are computed by :class:`_InOrder` (on several
     threads where the fold has them) and committed in order, so the sums and the scratch are
     what one thread would make. A streamed or factored tensor waits for those before it.
     """
-    with _Computations(f, scratch) as computations:
+    with _InOrder(f, functools.partial(_commit_update, f, scratch)) as computations:
         for name in f.visit(f.floating):
             if name in f.streamed or name in f.low_rank:
                 computations.drain()
                 (_update_streamed if name in f.streamed else _update_low_rank)(f, name, scratch)
                 continue
-            computations.submit(name, *_task_and_delta(f, name))
+            task, delta = _task_and_delta(f, name)
+            computations.submit(name, _projected(f, name), _compute_update, f, name, task, delta)
+            del task, delta
 
 
 def _task_and_delta(f: _FoldInputs, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -698,25 +741,35 @@ def _compute_update(f: _FoldInputs, name: str, task: torch.Tensor, delta: torch.
     return sums, update, squared_norm(update)
 
 
-class _Computations:
-    """Pass 1's whole-tensor updates, computed ``f.threads`` at a time and committed in tensor order.
+def _projected(f: _FoldInputs, name: str) -> bool:
+    """A 2-D linear weight: the tensors whose work (a projection, the largest element-wise work) bounds a window."""
+    return len(f.base.tensors[name].shape) == 2 and f.is_linear(name)
+
+
+class _InOrder:
+    """Whole-tensor work, ``f.threads`` tensors at a time, committed in tensor order.
 
     On the CPU every tensor's math runs on one intra-op thread, whatever the fold's thread count:
     LAPACK's n×n eigendecompositions are fastest so (see ``opcm._one_lapack_thread``), the
-    fold's cores go to several tensors at once instead, and a tensor's bytes do not depend on
-    how many cores the machine has, how many tensors ran beside it, or a memory budget. Under a
-    budget, as many as it holds working sets (:func:`compute_width`); on a GPU, one.
+    fold's cores go to several tensors at once instead, and a tensor's bytes and float64 sums do
+    not depend on how many cores the machine has, how many tensors ran beside it, or a memory
+    budget. Under a budget, as many as it holds working sets (:func:`compute_width`); on a GPU,
+    one. Pass 1 computes updates with it, pass 2 the outputs (:func:`_finish_pass`).
+
+    ``commit(name, result)`` runs in the caller's thread, in the order of :meth:`submit`.
     """
 
-    def __init__(self, f: _FoldInputs, scratch: Any) -> None:
-        self.f, self.scratch = f, scratch
+    def __init__(self, f: _FoldInputs, commit: Callable[[str, Any], None]) -> None:
+        self.commit = commit
         cpu = f.device.type == "cpu"
         self.width = f.threads if cpu else 1
         self.saved_threads = torch.get_num_threads() if cpu else None
-        self.pool = ThreadPoolExecutor(max_workers=self.width, thread_name_prefix="fold-compute") if self.width > 1 else None
+        # torch.set_num_threads is per thread under OpenMP: each compute thread sets its own
+        self.pool = ThreadPoolExecutor(max_workers=self.width, thread_name_prefix="fold-compute",
+                                       initializer=torch.set_num_threads, initargs=(1,)) if self.width > 1 else None
         self.pending: list[tuple[str, bool, Future[Any]]] = []
 
-    def __enter__(self) -> _Computations:
+    def __enter__(self) -> _InOrder:
         if self.saved_threads is not None and self.saved_threads != 1:
             torch.set_num_threads(1)
         return self
@@ -731,17 +784,16 @@ class _Computations:
             if self.saved_threads is not None and self.saved_threads != 1:
                 torch.set_num_threads(self.saved_threads)
 
-    def submit(self, name: str, task: torch.Tensor, delta: torch.Tensor) -> None:
+    def submit(self, name: str, heavy: bool, fn: Callable[..., Any], *args: Any) -> None:
         if self.pool is None:
-            self._commit(name, _compute_update(self.f, name, task, delta))
+            self.commit(name, fn(*args))
             return
-        # bounded: at most `width` projected (2-D, linear) tensors in flight while the next is read, and a
-        # few small ones (biases, norms) beside them, which must not take a projected tensor's place
-        heavy = task.ndim == 2 and self.f.is_linear(name)
+        # bounded: at most `width` heavy (projected) tensors in flight while the next is read, and a few
+        # small ones (biases, norms) beside them, which must not take a heavy tensor's place
         while self.pending and (len(self.pending) >= 4 * self.width
                                 or heavy and sum(h for _, h, _ in self.pending) >= self.width):
             self._commit_oldest()
-        self.pending.append((name, heavy, self.pool.submit(_compute_update, self.f, name, task, delta)))
+        self.pending.append((name, heavy, self.pool.submit(fn, *args)))
 
     def drain(self) -> None:
         while self.pending:
@@ -749,17 +801,19 @@ class _Computations:
 
     def _commit_oldest(self) -> None:
         name, _, future = self.pending.pop(0)
-        self._commit(name, future.result())
+        self.commit(name, future.result())
 
-    def _commit(self, name: str, result: Any) -> None:
-        (task_sq, delta_sq, cross), update, update_sq = result
-        totals = self.f.totals
-        totals.expert_sq += task_sq
-        totals.previous_sq += delta_sq
-        totals.cross += cross
-        totals.update_sq += update_sq
-        self.scratch.put(name, update)
-        self.f.progress.advance("pass1", self.f.base.tensors[name].numel)
+
+def _commit_update(f: _FoldInputs, scratch: Any, name: str, result: Any) -> None:
+    """Pass 1, in tensor order: the update into the scratch, its sums into the fold's."""
+    (task_sq, delta_sq, cross), update, update_sq = result
+    totals = f.totals
+    totals.expert_sq += task_sq
+    totals.previous_sq += delta_sq
+    totals.cross += cross
+    totals.update_sq += update_sq
+    scratch.put(name, update)
+    f.progress.advance("pass1", f.base.tensors[name].numel)
 
 
 def _update_low_rank(f: _FoldInputs, name: str, scratch: Any) -> None:
@@ -797,21 +851,35 @@ def _finish_pass(f: _FoldInputs, scratch: Any, updates: Any = None) -> None:
     """Pass 2 of a fold with a global step: each tensor's output from its update and the base.
 
     ``updates`` reads the whole tensors' updates (the scratch itself, or a reader ahead of it).
+    Reads and writes stay in tensor order here; the element-wise work and ‖out − θ₀‖² run on
+    :class:`_InOrder`'s threads, so the bytes and the sum are those of one thread.
     """
     read_update = updates.read if updates is not None else scratch.get
-    for name in f.visit(f.base.names()):
-        if name in f.streamed:
-            _finish_streamed(f, name, scratch)
-            continue
-        stored = f.base.read(name)
-        if not f.base.tensors[name].is_floating:
-            f.sink.write(name, stored)
-            continue
-        b = stored.to(device=f.device, dtype=_compute_dtype(f.base.tensors[name]))
-        del stored
-        merged = f.method.finish_tensor(read_update(name), b)
-        f.write(name, merged, b, "pass2")
-        del merged
+    with _InOrder(f, functools.partial(_commit_output, f)) as outputs:
+        for name in f.visit(f.base.names()):
+            if name in f.streamed:
+                outputs.drain()
+                _finish_streamed(f, name, scratch)
+                continue
+            stored = f.base.read(name)
+            if not f.base.tensors[name].is_floating:
+                outputs.submit(name, False, _as_stored, stored)
+            else:
+                outputs.submit(name, _projected(f, name), _finish_tensor, f, name, read_update(name), stored)
+            del stored
+
+
+def _as_stored(stored: torch.Tensor) -> tuple[torch.Tensor, None]:
+    return stored, None
+
+
+def _finish_tensor(f: _FoldInputs, name: str, update: torch.Tensor, stored: torch.Tensor) -> tuple[torch.Tensor, float]:
+    b = stored.to(device=f.device, dtype=_compute_dtype(f.base.tensors[name]))
+    return f.output(name, f.method.finish_tensor(update, b), b)
+
+
+def _commit_output(f: _FoldInputs, name: str, output: tuple[torch.Tensor, float | None]) -> None:
+    f.commit_output(name, output, "pass2")
 
 
 # --------------------------------------------------------------------------- tensors larger than the budget

@@ -27,15 +27,18 @@ def _checkpoints(tmp_path: Path) -> dict[str, Path]:
     return paths
 
 
-def _chain(paths: dict[str, Path], out: Path, threads: int) -> list[engine.FoldResult]:
+def _chain(paths: dict[str, Path], out: Path, threads: int, method: str = "opcm",
+           params: dict | None = None) -> list[engine.FoldResult]:
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         out.mkdir()
         results, previous, state = [], None, None
         for t in (1, 2, 3):
-            result = fold_checkpoint("opcm", {"alpha": 0.5}, paths["base"], previous, paths[f"e{t}"], state,
-                                     out / f"v{t}.safetensors", t, device="cpu", seed_context="threads")
+            aux = engine.default_aux_path(previous) if previous is not None else None
+            result = fold_checkpoint(method, {"alpha": 0.5} if params is None else params, paths["base"], previous,
+                                     paths[f"e{t}"], state, out / f"v{t}.safetensors", t, device="cpu",
+                                     seed_context="threads", aux_previous=aux if aux is not None and aux.exists() else None)
             results.append(result)
             previous, state = result.out, result.state
         assert torch.get_num_threads() == threads  # the pass gives the thread count back
@@ -47,23 +50,40 @@ def _chain(paths: dict[str, Path], out: Path, threads: int) -> list[engine.FoldR
 def test_several_threads_write_the_bytes_and_state_of_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     paths = _checkpoints(tmp_path)
     widths: list[int] = []
-    original = engine._Computations.__init__
+    original = engine._InOrder.__init__
 
-    def recording(self, f, scratch):  # noqa: ANN001, ANN202
-        original(self, f, scratch)
+    def recording(self, f, commit):  # noqa: ANN001, ANN202
+        original(self, f, commit)
         widths.append(self.width)
 
-    monkeypatch.setattr(engine._Computations, "__init__", recording)
+    monkeypatch.setattr(engine._InOrder, "__init__", recording)
     one = _chain(paths, tmp_path / "one", 1)
     four = _chain(paths, tmp_path / "four", 4)
-    assert widths == [1, 1, 4, 4]  # versions 2 and 3 have a pass 1; four threads ran four tensors at once
+    # version 1 is one pass, versions 2 and 3 two each; four threads ran four tensors at once in every pass
+    assert widths == [1] * 5 + [4] * 5
     for a, b in zip(one, four, strict=True):
         assert a.sha256 == b.sha256 and a.out.read_bytes() == b.out.read_bytes()
         assert a.state == b.state
         assert a.metrics["projected_tensors"] == b.metrics.get("projected_tensors")
-        for key in ("lambda", "removed_fraction", "mean_split_rank_fraction"):
+        # every float64 sum too: each tensor's is made on one thread, and they are added in tensor order
+        for key in ("lambda", "removed_fraction", "mean_split_rank_fraction", "merged_task_norm", "expert_task_norm",
+                    "previous_task_norm", "cosine_previous"):
             assert a.metrics.get(key) == b.metrics.get(key), key
     assert one[2].metrics["projected_tensors"] == 8.0 and 0 < one[2].metrics["removed_fraction"] < 1
+
+
+@pytest.mark.parametrize(("method", "params"), [("iso_c", {}), ("ties", {}), ("task_arithmetic", {"preprocess": [{"dare": {"p": 0.5}}]})])
+def test_one_pass_folds_on_several_threads_write_the_bytes_of_one(tmp_path: Path, method: str, params: dict) -> None:
+    """One-pass folds (Iso-C's SVDs, TIES, DARE's draws) run several tensors at once too: same bytes, same sums."""
+    paths = _checkpoints(tmp_path)
+    one = _chain(paths, tmp_path / "one", 1, method, params)
+    four = _chain(paths, tmp_path / "four", 4, method, params)
+    for a, b in zip(one, four, strict=True):
+        assert a.sha256 == b.sha256 and a.state == b.state
+        assert {k: v for k, v in a.metrics.items() if k != "seconds"} == {k: v for k, v in b.metrics.items() if k != "seconds"}
+        if a.aux is not None:
+            assert a.aux.sha256 == b.aux.sha256 and a.aux.path.read_bytes() == b.aux.path.read_bytes()
+    assert one[2].metrics["merged_task_norm"] > 0 and one[2].metrics["cosine_previous"] != 0
 
 
 def test_a_failing_tensor_fails_the_fold_and_leaves_no_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -648,8 +648,8 @@ def _one_pass(f: _FoldInputs) -> None:
             if not f.base.tensors[name].is_floating:
                 folds.submit(name, False, _stored_fold, stored)
                 continue
-            e = f.load(f.expert, name)
-            p = f.load(f.previous, name) if f.previous is not None else None
+            e = f.expert.read(name)  # read here, in tensor order; converted on a compute thread
+            p = f.previous.read(name) if f.previous is not None else None
             aux = f.aux_in.read(name) if f.aux_in is not None else None
             folds.submit(name, _projected(f, name), _fold_tensor, f, name, stored, e, p, aux)
             del stored, e, p, aux
@@ -662,7 +662,10 @@ def _stored_fold(stored: torch.Tensor) -> tuple[None, None, tuple[torch.Tensor, 
 def _fold_tensor(f: _FoldInputs, name: str, stored: torch.Tensor, e: torch.Tensor, p: torch.Tensor | None,
                  aux: torch.Tensor | None) -> tuple[tuple[float, float, float] | None, torch.Tensor | None, Any]:
     """One floating tensor's fold: its float64 sums, the auxiliary tensor to keep, the output; no shared state."""
-    b = stored.to(device=f.device, dtype=_compute_dtype(f.base.tensors[name]))
+    dtype = _compute_dtype(f.base.tensors[name])
+    b = stored.to(device=f.device, dtype=dtype)
+    e = e.to(device=f.device, dtype=dtype)
+    p = p.to(device=f.device, dtype=dtype) if p is not None else None
     del stored
     if f.preprocess:
         e = b + f.preprocessed(name, e - b)
@@ -709,16 +712,25 @@ def _update_pass(f: _FoldInputs, scratch: Any) -> None:
                 computations.drain()
                 (_update_streamed if name in f.streamed else _update_low_rank)(f, name, scratch)
                 continue
-            task, delta = _task_and_delta(f, name)
-            computations.submit(name, _projected(f, name), _compute_update, f, name, task, delta)
-            del task, delta
+            # read here, in pass order; converted, checked and computed on a compute thread
+            stored = (f.base.read(name), f.previous.read(name), f.expert.read(name))  # type: ignore[union-attr]
+            computations.submit(name, _projected(f, name), _read_update, f, name, *stored)
+            del stored
 
 
-def _task_and_delta(f: _FoldInputs, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """τ_t and Δ of one whole tensor, read (in pass order) and checked; params.pre/postprocess applied."""
-    b = f.load(f.base, name)
-    delta = f.load(f.previous, name).sub_(b)  # type: ignore[arg-type]
-    task = f.load(f.expert, name)
+def _read_update(f: _FoldInputs, name: str, b: torch.Tensor, previous: torch.Tensor, expert: torch.Tensor):  # noqa: ANN202
+    """:func:`_compute_update` of one whole tensor from its stored base, previous and expert tensors."""
+    task, delta = _task_and_delta(f, name, b, previous, expert)
+    return _compute_update(f, name, task, delta)
+
+
+def _task_and_delta(f: _FoldInputs, name: str, b: torch.Tensor, previous: torch.Tensor,
+                    expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """τ_t and Δ of one whole tensor from its stored tensors, checked; params.pre/postprocess applied."""
+    dtype = _compute_dtype(f.base.tensors[name])
+    b = b.to(device=f.device, dtype=dtype)
+    delta = previous.to(device=f.device, dtype=dtype).sub_(b)
+    task = expert.to(device=f.device, dtype=dtype)
     if f.check_expert:
         check_finite_tensor(task, name, what="the expert's tensor")
     task.sub_(b)

@@ -14,6 +14,8 @@ for the newest expert whose round is complete.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from typing import TypeVar
 
 from sqlalchemy.orm import Session
 
@@ -25,6 +27,7 @@ from app.repositories import streams as streams_repo
 from app.repositories import versions as versions_repo
 
 log = logging.getLogger(__name__)
+K = TypeVar("K")
 
 _PENDING = object()
 
@@ -74,14 +77,14 @@ def consider(session: Session, version: Version | None) -> bool:
         return False
     streams_repo.lock(session, source.id)  # one decision at a time per stream
     metric, mode, evaluator = source.champion["metric"], source.champion["mode"], source.evaluator["name"]
-    scored: list[tuple[float, Version]] = []
+    scored: dict[str, tuple[float, Version]] = {}  # by candidate stream, in the policy's order
     for entry in source.champion["candidates"]:
         theirs = versions_repo.by_source_expert(session, entry["stream_id"], expert.source_expert_id)
         score = _score(session, theirs, evaluator, metric)
         if score is _PENDING:
             return False
         if score is not None:
-            scored.append((score, theirs))
+            scored[entry["stream_id"]] = (score, theirs)
     if not scored:
         log.warning("champion round %d of stream %s: no candidate has metric %r", round_number, source.id, metric)
         return False
@@ -89,27 +92,35 @@ def consider(session: Session, version: Version | None) -> bool:
     held = versions_repo.get(session, current.version_id) if current is not None else None
     if held is not None and (_round(session, held) or 0) > round_number:
         return False  # a newer expert's round already decided
-    chosen = _choose(scored, mode, float(source.champion.get("min_gain") or 0.0), held.stream_id if held is not None else None)
-    if current is not None and current.version_id == chosen[1].id:
+    key = choose(
+        [(score, stream_id) for stream_id, (score, _) in scored.items()],
+        mode,
+        float(source.champion.get("min_gain") or 0.0),
+        held.stream_id if held is not None else None,
+    )
+    score, chosen = scored[key]
+    if current is not None and current.version_id == chosen.id:
         return False
-    move(session, source, CHAMPION, chosen[1], who=POLICY)
+    move(session, source, CHAMPION, chosen, who=POLICY)
     log.info("champion of stream %s after version %d: %s v%d (%s=%g)", source.id, round_number,
-             chosen[1].stream_id, chosen[1].number, metric, chosen[0])  # fmt: skip
+             chosen.stream_id, chosen.number, metric, score)  # fmt: skip
     return True
 
 
-def _choose(scored: list[tuple[float, Version]], mode: str, min_gain: float, incumbent: str | None) -> tuple[float, Version]:
-    """The round's best (a tie goes to the earlier candidate), unless it beats the incumbent's by no more than ``min_gain``.
+def choose(scored: Sequence[tuple[float, K]], mode: str, min_gain: float, incumbent: K | None) -> K:
+    """The candidate the round goes to: the best (a tie goes to the earlier one), unless it beats the incumbent by
+    no more than ``min_gain``.
 
-    The incumbent is the candidate stream ``@champion`` holds; when it has no score this round
-    (its fold or evaluation failed) the best takes the alias outright.
+    ``scored``: (metric, candidate) of the candidates measured this round, in the policy's order.
+    The incumbent is the candidate ``@champion`` holds; when it has no score this round (its fold
+    or evaluation failed) the best takes the alias outright.
     """
     sign = 1.0 if mode == "max" else -1.0
     best = scored[0]
     for entry in scored[1:]:
         if sign * entry[0] > sign * best[0]:
             best = entry
-    held = next((entry for entry in scored if entry[1].stream_id == incumbent), None)
+    held = next((entry for entry in scored if entry[1] == incumbent), None)
     if held is not None and sign * (best[0] - held[0]) <= min_gain:
-        return held
-    return best
+        return held[1]
+    return best[1]

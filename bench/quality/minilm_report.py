@@ -180,7 +180,10 @@ def champion_summary(results: dict[str, Any]) -> dict[str, Any] | None:
 
 def replayed_policy(results: dict[str, Any], min_gain: float) -> dict[str, float] | None:
     """What the policy would have chosen with another ``min_gain``, replayed on the offline candidates' validation
-    curves (the plugin's own numbers: the miniature test checks they are equal) and scored on their whole-test ones."""
+    curves (the plugin's own numbers: the miniature test checks they are equal) and scored on their whole-test ones.
+    The rule is the service's own (:func:`app.services.champion.choose`)."""
+    from app.services.champion import choose
+
     offline = {(r["seed"], r["order"], r["label"]): r["folds"] for r in results["runs"]}
     shortfalls: list[float] = []
     for record in results["champion"]:
@@ -191,9 +194,7 @@ def replayed_policy(results: dict[str, Any], min_gain: float) -> dict[str, float
                 return None
             val = {c: f[r["fold"] - 1]["average"]["val"] for c, f in folds.items()}
             test = {c: f[r["fold"] - 1]["average"]["test_full"] for c, f in folds.items()}
-            best = max(candidates, key=val.__getitem__)
-            keep = r["order"] in held and val[best] - val[held[r["order"]]] <= min_gain
-            held[r["order"]] = held[r["order"]] if keep else best
+            held[r["order"]] = choose([(val[c], c) for c in candidates], "max", min_gain, held.get(r["order"]))
             shortfalls.append(max(test.values()) - test[held[r["order"]]])
     return {"min_gain": min_gain, "worst": max(shortfalls), "mean": statistics.fmean(shortfalls)}
 

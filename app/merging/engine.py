@@ -656,11 +656,11 @@ def _one_pass(f: _FoldInputs) -> None:
 
 
 def _stored_fold(stored: torch.Tensor) -> tuple[None, None, tuple[torch.Tensor, None]]:
-    return None, None, (stored, None)
+    return None, None, _as_stored(stored)
 
 
 def _fold_tensor(f: _FoldInputs, name: str, stored: torch.Tensor, e: torch.Tensor, p: torch.Tensor | None,
-                 aux: torch.Tensor | None) -> tuple[tuple[float, float, float] | None, torch.Tensor | None, Any]:
+                 aux: torch.Tensor | None) -> tuple[tuple[float, float | None, float | None], torch.Tensor | None, Any]:
     """One floating tensor's fold: its float64 sums, the auxiliary tensor to keep, the output; no shared state."""
     dtype = _compute_dtype(f.base.tensors[name])
     b = stored.to(device=f.device, dtype=dtype)
@@ -671,8 +671,8 @@ def _fold_tensor(f: _FoldInputs, name: str, stored: torch.Tensor, e: torch.Tenso
         e = b + f.preprocessed(name, e - b)
     if f.postprocess and p is not None:
         p = b + f.raw_previous(name, p - b)
-    sums = (squared_distance(e, b), squared_distance(p, b), inner(e - b, p - b)) if p is not None else None
-    expert_sq = sums[0] if sums is not None else squared_distance(e, b)
+    sums = (squared_distance(e, b), squared_distance(p, b) if p is not None else None,
+            inner(e - b, p - b) if p is not None else None)
     x = TensorFold(name, f.seed(name), f.is_linear(name), f.version, b, p, e, f.svd_method,
                    aux.to(f.device) if aux is not None else None)
     merged = f.method.fold_tensor(x)
@@ -682,7 +682,7 @@ def _fold_tensor(f: _FoldInputs, name: str, stored: torch.Tensor, e: torch.Tenso
             raise RuntimeError(f"{f.method.name} keeps an auxiliary checkpoint but gave none for {name!r}")
         aux_out = x.aux_out.to(dtype=stio.DTYPES[_aux_dtype(f.base.tensors[name])][0])
     del x, e, p, aux
-    return sums or (expert_sq, None, None), aux_out, f.output(name, merged, b)
+    return sums, aux_out, f.output(name, merged, b)
 
 
 def _commit_fold(f: _FoldInputs, name: str, result: Any) -> None:
@@ -867,7 +867,7 @@ def _finish_pass(f: _FoldInputs, scratch: Any, updates: Any = None) -> None:
     :class:`_InOrder`'s threads, so the bytes and the sum are those of one thread.
     """
     read_update = updates.read if updates is not None else scratch.get
-    with _InOrder(f, functools.partial(_commit_output, f)) as outputs:
+    with _InOrder(f, functools.partial(f.commit_output, phase="pass2")) as outputs:
         for name in f.visit(f.base.names()):
             if name in f.streamed:
                 outputs.drain()
@@ -888,10 +888,6 @@ def _as_stored(stored: torch.Tensor) -> tuple[torch.Tensor, None]:
 def _finish_tensor(f: _FoldInputs, name: str, update: torch.Tensor, stored: torch.Tensor) -> tuple[torch.Tensor, float]:
     b = stored.to(device=f.device, dtype=_compute_dtype(f.base.tensors[name]))
     return f.output(name, f.method.finish_tensor(update, b), b)
-
-
-def _commit_output(f: _FoldInputs, name: str, output: tuple[torch.Tensor, float | None]) -> None:
-    f.commit_output(name, output, "pass2")
 
 
 # --------------------------------------------------------------------------- tensors larger than the budget

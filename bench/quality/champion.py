@@ -5,7 +5,8 @@ For one seed and each task order: a stream is created with the ``text-classifica
 comparison; the base and then the experts are uploaded one at a time, and after each expert the
 benchmark waits for the policy to move ``@champion`` for that round, downloads
 ``versions/@champion/download`` and measures it on every test example of the tasks merged so
-far, as the offline candidate streams are measured after every fold. The shortfall is the best
+far, as the offline candidate streams are measured after every fold (:func:`compare` takes the offline
+version's measured accuracy instead where the download is that version's tensors byte for byte). The shortfall is the best
 candidate's offline accuracy on those examples at that fold (hindsight) minus the champion's.
 
 :class:`Measurement` runs all of that in a forked process of its own, so that the service works
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from safetensors.torch import load
+from safetensors.torch import load, load_file, save_file
 
 from app.evaluators import text_classification as tc
 from bench.quality import minilm as M
@@ -151,23 +152,45 @@ def measure(*, config: Any, seed: int, orders: list[list[str]], prepared: Any, w
                 if response.status_code != 200:
                     raise RuntimeError(f"download of @champion: {response.status_code} {response.text[:200]}")
                 top = load(response.content)
-                # every test example of the tasks merged so far (the offline candidates' "test_full" at this fold)
-                accuracy = statistics.fmean(
-                    M.accuracy(top, prepared.heads[n], prepared.splits[n]["test"], prepared.dtype) for n in order[:t])
-                rounds.append({"order": order_index, "fold": t, "champion": labels[version["stream_id"]],
-                               "champion_test": accuracy, "seconds": time.perf_counter() - round_started,
-                               "champion_val": next((e["metrics"]["mean"] for e in version.get("evaluations", [])
-                                                     if e.get("status") == "succeeded"), None)})
+                # kept for compare(): the download's merged tensors, measured there unless an offline version is
+                # the same tensors byte for byte
+                download = workdir / f"champion-o{order_index}-t{t}.safetensors"
+                save_file({k: top[k].contiguous() for k in M.TRAINED}, str(download))
+                entry = {"order": order_index, "fold": t, "champion": labels[version["stream_id"]],
+                         "top_sha256": M.top_digest(top), "download": str(download),
+                         "seconds": time.perf_counter() - round_started,
+                         "champion_val": next((e["metrics"]["mean"] for e in version.get("evaluations", [])
+                                               if e.get("status") == "succeeded"), None)}
+                if config.champion_evaluate_downloads:
+                    entry["champion_test_measured"] = test_accuracy(top, prepared, order[:t])
+                rounds.append(entry)
     finally:
         service.close()
-    return {"seed": seed, "evaluator": evaluator, "candidates": [c.label for c in candidates],
+    return {"seed": seed, "evaluator": evaluator, "candidates": [c.label for c in candidates], "orders": orders,
             "min_gain": config.champion_min_gain, "rounds": rounds,
             "seconds": time.perf_counter() - started}
 
 
-def compare(record: dict[str, Any], offline: dict[tuple[str, int], list[dict[str, Any]]]) -> dict[str, Any]:
-    """Each round's best candidate in hindsight (offline whole-test accuracy at that fold) and the champion's shortfall."""
+def test_accuracy(top: Any, prepared: Any, names: Sequence[str]) -> float:
+    """Mean accuracy over every test example of the named tasks (the offline candidates' "test_full")."""
+    return statistics.fmean(M.accuracy(top, prepared.heads[n], prepared.splits[n]["test"], prepared.dtype) for n in names)
+
+
+def compare(record: dict[str, Any], offline: dict[tuple[str, int], list[dict[str, Any]]],
+            prepared: Any, orders: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """Each round's @champion test accuracy, best candidate in hindsight (offline whole-test accuracy at that fold)
+    and the champion's shortfall.
+
+    A download whose merged tensors are byte for byte the offline version of the candidate it names (equal
+    :func:`bench.quality.minilm.top_digest`) has that version's measured test accuracy: the same tensors on the
+    same examples. Any other download is measured here on every test example of the tasks merged so far."""
     for r in record["rounds"]:
+        fold = offline[(r["champion"], r["order"])][r["fold"] - 1]
+        r["identical_to_offline"] = fold.get("top_sha256") == r["top_sha256"]
+        if r["identical_to_offline"]:
+            r["champion_test"] = fold["average"]["test_full"]
+        else:
+            r["champion_test"] = test_accuracy(load_file(r["download"]), prepared, orders[r["order"]][: r["fold"]])
         hindsight = {c: offline[(c, r["order"])][r["fold"] - 1]["average"]["test_full"] for c in record["candidates"]}
         best = max(hindsight, key=hindsight.__getitem__)
         r.update(best=best, best_test=hindsight[best], shortfall=hindsight[best] - r["champion_test"])
@@ -195,13 +218,13 @@ class Measurement:
         process.start()
         return cls(seed, process, answer)
 
-    def finish(self, offline: dict[tuple[str, int], list[dict[str, Any]]]) -> dict[str, Any]:
+    def finish(self, offline: dict[tuple[str, int], list[dict[str, Any]]], prepared: Any) -> dict[str, Any]:
         self.process.join()
         body = json.loads(self.answer.read_text()) if self.answer.exists() else {
             "error": f"the @champion process exited with status {self.process.exitcode} and wrote nothing"}
         if "error" in body:
             raise RuntimeError(f"@champion measurement of seed {self.seed} failed: {body['error']}")
-        return compare(body, offline)
+        return compare(body, offline, prepared, body["orders"])
 
 
 def _measure_into(answer: Path, **kwargs: Any) -> None:

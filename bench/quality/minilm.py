@@ -57,6 +57,17 @@ def base_state() -> dict[str, Tensor]:
 TRAINED = tuple(k for layer in range(FIRST_LAYER, LAYERS) for k in tc.layer_keys(layer))
 
 
+def top_digest(state: Mapping[str, Tensor]) -> str:
+    """sha256 of the merged tensors (name, dtype, shape and bytes of each, in name order): two checkpoints with the
+    same digest give the same accuracy on every example, whatever else their files hold."""
+    digest = hashlib.sha256()
+    for key in sorted(TRAINED):
+        tensor = state[key].detach().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def top_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The tensors a stream merges and an expert fine-tunes: the top layers, whole, in float32."""
     return {k: state[k].detach().to(torch.float32).contiguous().clone() for k in TRAINED}

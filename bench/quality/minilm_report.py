@@ -175,6 +175,7 @@ def champion_summary(results: dict[str, Any]) -> dict[str, Any] | None:
             "candidates": results["champion"][0]["candidates"],
             "picks": {c: sum(1 for r in rounds if r["champion"] == c) for c in results["champion"][0]["candidates"]},
             "min_gain": results["champion"][0].get("min_gain", 0.0),
+            "identical_to_offline": sum(1 for r in rounds if r.get("identical_to_offline")),
             "without_min_gain": replayed_policy(results, 0.0)}
 
 
@@ -324,6 +325,16 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _identical_clause(results: dict[str, Any]) -> str:
+    rounds = [r for record in results["champion"] for r in record["rounds"]]
+    same = sum(1 for r in rounds if r.get("identical_to_offline"))
+    if "identical_to_offline" not in rounds[0]:  # an older record: every download was measured
+        return ""
+    return (f" ({same} of {len(rounds)} downloads were byte for byte the merged tensors of the offline version of the "
+            f"candidate @champion named, so they have its measured test accuracy; the other {len(rounds) - same} were "
+            f"measured on their own)")
+
+
 def champion_lines(results: dict[str, Any]) -> list[str]:
     shortfalls = [s for record in results["champion"] for s in record["shortfalls"]]
     worst = max(shortfalls) if shortfalls else float("nan")
@@ -337,8 +348,8 @@ def champion_lines(results: dict[str, Any]) -> list[str]:
         (f"For every seed and order, `mergeline serve` on the embedded defaults (SQLite, local folder, embedded worker) folded "
          f"the same experts under each candidate ({', '.join(candidates)}), ran the "
          f"`{results['champion'][0]['evaluator']}` evaluator plugin on validation after each fold and moved `@champion`; "
-         f"the benchmark downloaded `versions/@champion/download` after every fold and measured it on every test "
-         f"example of the tasks merged so far. Against the best candidate in hindsight (on the same examples): worst shortfall "
+         f"the benchmark downloaded `versions/@champion/download` after every fold and took its accuracy on every test "
+         f"example of the tasks merged so far{_identical_clause(results)}. Against the best candidate in hindsight (on the same examples): worst shortfall "
          f"**{100 * worst:.2f}** points, mean **{100 * mean:.2f}** points over {len(shortfalls)} folds (target ≤ 0.5). "
          f"It ran beside the offline streams, {seconds / 60:.1f} min of the run's wall time in all."),
         "",

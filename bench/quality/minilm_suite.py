@@ -122,6 +122,9 @@ class MiniLMConfig:
     # tolerance anyway, and 300 validation texts per task cannot resolve it (the seed-0/1 run of 2026-12-01
     # switched on a +0.2-point validation win that was a -1.0-point test loss).
     champion_min_gain: float = 0.005
+    # Evaluate every @champion download on the test split even when its tensors are byte for byte an offline
+    # candidate's version, whose test accuracy is already measured (False: only downloads that match none are).
+    champion_evaluate_downloads: bool = False
 
     @property
     def dtype(self) -> torch.dtype | None:
@@ -144,7 +147,8 @@ def mini_config() -> MiniLMConfig:
                        variants=VARIANTS[2:], settings={"dop": {"num_steps": 5, "lr": 1e-3}})
     return MiniLMConfig(tasks=("verb_supersense", "quote_language"), train=200, val=40, test=40, curve_test=40,
                         max_tokens=16, finetune_steps=40, finetune_lr=5e-4, batch=16, seeds=(0,), orders=1,
-                        methods=tuple(grid), champion_candidates=("opcm α=0.5", "iso_c"))
+                        methods=tuple(grid), champion_candidates=("opcm α=0.5", "iso_c"),
+                        champion_evaluate_downloads=True)
 
 
 def _log(message: str) -> None:
@@ -327,11 +331,13 @@ def run_stream(config: MethodConfig, order: Sequence[str], prepared: Prepared, w
         if on_fold is not None:
             on_fold(t, result.out)
         started = time.perf_counter()
-        accuracy, correct = evaluate_top(load_file(str(result.out)), prepared, order[:t], curve_test, t == len(order),
+        top = load_file(str(result.out))
+        accuracy, correct = evaluate_top(top, prepared, order[:t], curve_test, t == len(order),
                                          val=val_every_fold, full_test=full_test_every_fold)
         folds.append({
             "version": t,
             "expert": name,
+            "top_sha256": M.top_digest(top),
             "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, int | float)},
             "accuracy": accuracy,
             "average": {part: statistics.fmean(a[part] for a in accuracy.values())
@@ -473,11 +479,13 @@ def run(config: MiniLMConfig, out: Path, *, name: str = "quality_minilm", workdi
         correctness: dict[tuple[str, int, int], dict[str, torch.Tensor]] = {}
         bounds: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         measurers: list[champion.Measurement] = []
+        seeds_prepared: dict[int, Prepared] = {}
         for seed in config.seeds:
             seed_dir = Path(scratch) / f"seed{seed}"
             t0 = time.perf_counter()
             prepared = prepare_seed(config, seed, splits, seed_dir)
             prepared.record["seconds"] = time.perf_counter() - t0
+            seeds_prepared[seed] = prepared
             results["seeds"].append(prepared.record)
             bounds[("probe", seed)] = prepared.probe_correct
             bounds[("expert", seed)] = prepared.expert_correct
@@ -501,7 +509,7 @@ def run(config: MiniLMConfig, out: Path, *, name: str = "quality_minilm", workdi
         for measurer in measurers:
             try:
                 record = measurer.finish({(r["label"], r["order"]): r["folds"] for r in results["runs"]
-                                          if r["seed"] == measurer.seed})
+                                          if r["seed"] == measurer.seed}, seeds_prepared[measurer.seed])
             except RuntimeError as exc:  # the offline results are still written, then the run fails
                 failures.append(str(exc))
                 _log(str(exc))

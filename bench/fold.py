@@ -384,7 +384,11 @@ def run_fusionbench(paths: dict[str, Path], device: str, out: Path) -> dict:
 
 
 IMPLEMENTATIONS = {"naive": "run_naive", "engine": "run_engine", "engine_in_memory": "run_engine_in_memory",
-                   "io": "run_io_floor", "decompose": "run_decompose", "fusionbench": "run_fusionbench"}
+                   "engine_no_thp": "run_engine", "io": "run_io_floor", "decompose": "run_decompose",
+                   "fusionbench": "run_fusionbench"}
+# Every child runs with torch's huge-page allocations as mergeline's own processes do (app/__init__.py
+# sets THP_MEM_ALLOC_ENABLE=1 unless the environment says otherwise); "engine_no_thp" is the engine without.
+THP = os.environ.get("THP_MEM_ALLOC_ENABLE", "1")
 # FusionBench 0.2.33 imports transformers<5; where the project's environment has transformers 5,
 # its OPCM runs in another interpreter (an overlay environment: see README, bench section).
 FUSIONBENCH_PYTHON = os.environ.get("MERGELINE_FUSIONBENCH_PYTHON") or sys.executable
@@ -432,7 +436,8 @@ def run_once(impl: str, model: str, device: str, seed: int, threads: int | None,
     python = FUSIONBENCH_PYTHON if impl == "fusionbench" else sys.executable
     cmd = [python, __file__, "_child", "--impl", impl, "--model", model, "--device", device,
            "--seed", str(seed)] + (["--threads", str(threads)] if threads else []) + (["--cold"] if cold else [])
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "0" if impl == "engine_no_thp" else THP}
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
         return {"error": done.stderr[-2000:] or f"exit {done.returncode}"}
     run = json.loads(done.stdout.strip().splitlines()[-1])
@@ -543,6 +548,9 @@ def _ratios(entry: dict, baseline_rss: float | None) -> None:
             entry["engine_over_floor"] <= 1.3
         if seconds("engine_in_memory"):
             entry["engine_in_memory_over_floor"] = seconds("engine_in_memory") / floor if floor > 0 else None
+    if engine and seconds("engine_no_thp"):
+        entry["engine_over_engine_no_thp"] = engine / seconds("engine_no_thp")
+        entry["engine_no_thp_same_bytes"] = entry["engine_no_thp"].get("sha256") == entry["engine"].get("sha256")
     if engine and seconds("engine_in_memory"):
         entry["engine_in_memory_over_engine"] = seconds("engine_in_memory") / engine
         entry["engine_in_memory_same_bytes"] = entry["engine_in_memory"].get("sha256") == entry["engine"].get("sha256")
@@ -600,6 +608,8 @@ def main() -> None:
     parser.add_argument("--no-floor", action="store_true", help="skip the I/O floor and decomposition-only runs")
     parser.add_argument("--in-memory", action="store_true",
                         help="also fold under a memory budget that keeps pass 1's updates in memory (no scratch file)")
+    parser.add_argument("--no-thp", action="store_true",
+                        help="also fold with torch's huge-page allocations off (THP_MEM_ALLOC_ENABLE=0), interleaved")
     parser.add_argument("--quick", action="store_true", help="small shapes, one repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--large-repeats", type=int, default=1,
@@ -631,7 +641,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "threads": args.threads or torch.get_num_threads(), "device": args.device,
                     "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-                    "load_average_at_start": os.getloadavg()},
+                    "load_average_at_start": os.getloadavg(), "thp_mem_alloc_enable": THP},
         "command": " ".join(["python", "bench/fold.py", *sys.argv[1:]]),
         "fold": "OPCM version 2 (alpha 0.5), engine = app.merging.fold_checkpoint streaming, "
                 "naive = whole models in memory + full-bases SVD",
@@ -650,7 +660,8 @@ def main() -> None:
         entry: dict = {"params": meta["params"], "dtype": str(MODELS[model][1]).removeprefix("torch."),
                        "file_bytes": paths["base"].stat().st_size}
         large = meta["params"] >= 500e6
-        impls = ["engine"] + (["engine_in_memory"] if args.in_memory else []) + ([] if args.no_floor else ["io", "decompose"])
+        impls = (["engine"] + (["engine_in_memory"] if args.in_memory else []) + (["engine_no_thp"] if args.no_thp else [])
+                 + ([] if args.no_floor else ["io", "decompose"]))
         slow = (["naive"] if model in naive_models else []) + (["fusionbench"] if model in fusionbench_models else [])
         runs: dict[str, list[dict]] = {impl: [] for impl in impls + slow}
         # interleaved: repeat r of every implementation runs before repeat r + 1 of any

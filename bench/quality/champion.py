@@ -166,7 +166,7 @@ def measure(*, config: Any, seed: int, orders: list[list[str]], prepared: Any, w
                 rounds.append(entry)
     finally:
         service.close()
-    return {"seed": seed, "evaluator": evaluator, "candidates": [c.label for c in candidates], "orders": orders,
+    return {"seed": seed, "evaluator": evaluator, "candidates": [c.label for c in candidates],
             "min_gain": config.champion_min_gain, "rounds": rounds,
             "seconds": time.perf_counter() - started}
 
@@ -205,6 +205,8 @@ class Measurement:
     seed: int
     process: multiprocessing.process.BaseProcess
     answer: Path
+    prepared: Any  # the seed's heads and test splits, for a download that matches no offline version
+    orders: list[list[str]]
 
     @classmethod
     def start(cls, *, config: Any, seed: int, orders: list[list[str]], prepared: Any, workdir: Path,
@@ -216,15 +218,15 @@ class Measurement:
             kwargs={"config": config, "seed": seed, "orders": orders, "prepared": prepared, "workdir": workdir,
                     "candidates": list(candidates)})
         process.start()
-        return cls(seed, process, answer)
+        return cls(seed, process, answer, prepared, orders)
 
-    def finish(self, offline: dict[tuple[str, int], list[dict[str, Any]]], prepared: Any) -> dict[str, Any]:
+    def finish(self, offline: dict[tuple[str, int], list[dict[str, Any]]]) -> dict[str, Any]:
         self.process.join()
         body = json.loads(self.answer.read_text()) if self.answer.exists() else {
             "error": f"the @champion process exited with status {self.process.exitcode} and wrote nothing"}
         if "error" in body:
             raise RuntimeError(f"@champion measurement of seed {self.seed} failed: {body['error']}")
-        return compare(body, offline, prepared, body["orders"])
+        return compare(body, offline, self.prepared, self.orders)
 
 
 def _measure_into(answer: Path, **kwargs: Any) -> None:

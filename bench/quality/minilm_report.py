@@ -327,9 +327,9 @@ def markdown(results: dict[str, Any]) -> str:
 
 def _identical_clause(results: dict[str, Any]) -> str:
     rounds = [r for record in results["champion"] for r in record["rounds"]]
-    same = sum(1 for r in rounds if r.get("identical_to_offline"))
     if "identical_to_offline" not in rounds[0]:  # an older record: every download was measured
         return ""
+    same = sum(1 for r in rounds if r["identical_to_offline"])
     return (f" ({same} of {len(rounds)} downloads were byte for byte the merged tensors of the offline version of the "
             f"candidate @champion named, so they have its measured test accuracy; the other {len(rounds) - same} were "
             f"measured on their own)")

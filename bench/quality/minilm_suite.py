@@ -337,7 +337,8 @@ def run_stream(config: MethodConfig, order: Sequence[str], prepared: Prepared, w
         folds.append({
             "version": t,
             "expert": name,
-            "top_sha256": M.top_digest(top),
+            # what a @champion download is compared with (bench/quality/champion.compare): candidates only
+            "top_sha256": M.top_digest(top) if full_test_every_fold else None,
             "metrics": {k: v for k, v in result.metrics.items() if isinstance(v, int | float)},
             "accuracy": accuracy,
             "average": {part: statistics.fmean(a[part] for a in accuracy.values())
@@ -479,13 +480,11 @@ def run(config: MiniLMConfig, out: Path, *, name: str = "quality_minilm", workdi
         correctness: dict[tuple[str, int, int], dict[str, torch.Tensor]] = {}
         bounds: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         measurers: list[champion.Measurement] = []
-        seeds_prepared: dict[int, Prepared] = {}
         for seed in config.seeds:
             seed_dir = Path(scratch) / f"seed{seed}"
             t0 = time.perf_counter()
             prepared = prepare_seed(config, seed, splits, seed_dir)
             prepared.record["seconds"] = time.perf_counter() - t0
-            seeds_prepared[seed] = prepared
             results["seeds"].append(prepared.record)
             bounds[("probe", seed)] = prepared.probe_correct
             bounds[("expert", seed)] = prepared.expert_correct
@@ -509,7 +508,7 @@ def run(config: MiniLMConfig, out: Path, *, name: str = "quality_minilm", workdi
         for measurer in measurers:
             try:
                 record = measurer.finish({(r["label"], r["order"]): r["folds"] for r in results["runs"]
-                                          if r["seed"] == measurer.seed}, seeds_prepared[measurer.seed])
+                                          if r["seed"] == measurer.seed})
             except RuntimeError as exc:  # the offline results are still written, then the run fails
                 failures.append(str(exc))
                 _log(str(exc))
